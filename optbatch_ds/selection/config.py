@@ -1,0 +1,90 @@
+"""Selection settings, result type and error: the vocabulary shared by every selection method."""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+METHODS = ("full", "random", "online_hard", "ccs", "infobatch", "optbatch")
+QUOTAS = ("exp_loss", "uniform")
+WITHIN = ("farthest", "random")
+DISTANCES = ("euclidean", "cosine")
+
+
+class SelectionError(ValueError):
+    """The candidates cannot fill the budget (e.g. too many non-finite losses or sketches)."""
+
+
+def _choice_error(name: str, value, allowed: tuple) -> ValueError:
+    close = difflib.get_close_matches(str(value), allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"SelectionConfig.{name}={value!r} is not valid{hint}; expected one of {list(allowed)}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    method: str = field(default="optbatch", metadata={"help": f"selection method, one of {METHODS}"})
+    strata: int = field(default=3, metadata={"help": "K loss-quantile strata (optbatch, ccs)"})
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "tau of the exp(loss / tau) quota draw (optbatch); inf = unweighted draw"},
+    )
+    quotas: str = field(
+        default="exp_loss",
+        metadata={"help": "optbatch stratum quotas: 'exp_loss' (draw ~ exp(loss/tau)) or 'uniform' (unweighted draw)"},
+    )
+    within: str = field(
+        default="farthest",
+        metadata={"help": "optbatch choice inside a stratum: 'farthest' (farthest-point in sketch space) or 'random'"},
+    )
+    distance: str = field(
+        default="euclidean", metadata={"help": "sketch distance for farthest-point: 'euclidean' or 'cosine'"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the selection draws (combined with the step)"})
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise _choice_error("method", self.method, METHODS)
+        if self.quotas not in QUOTAS:
+            raise _choice_error("quotas", self.quotas, QUOTAS)
+        if self.within not in WITHIN:
+            raise _choice_error("within", self.within, WITHIN)
+        if self.distance not in DISTANCES:
+            raise _choice_error("distance", self.distance, DISTANCES)
+        if not _is_int(self.strata) or self.strata < 1:
+            raise ValueError(f"SelectionConfig.strata={self.strata!r} is not valid; expected an integer >= 1")
+        if not _is_int(self.seed):
+            raise ValueError(f"SelectionConfig.seed={self.seed!r} is not valid; expected an integer")
+        t = self.temperature
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, float, np.integer, np.floating)):
+            raise ValueError(f"SelectionConfig.temperature={t!r} is not valid; expected a number > 0 (or inf)")
+        if math.isnan(float(t)) or float(t) <= 0:
+            raise ValueError(f"SelectionConfig.temperature={t!r} is not valid; expected a number > 0 (or inf)")
+        # Normalise numeric types so equality, hashing and JSON dumps are plain Python values.
+        object.__setattr__(self, "temperature", float(t))
+        object.__setattr__(self, "strata", int(self.strata))
+        object.__setattr__(self, "seed", int(self.seed))
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class SelectionResult:
+    """What a selection returns.
+
+    indices: int64 positions into the candidate arrays (length == budget, distinct), in selection
+        order (optbatch: greedy pick order, highest-loss stratum first; sort them if order matters).
+    weights: float32 per-selected-sample loss weight, aligned with indices (1.0 except infobatch).
+    info: JSON-serialisable diagnostics (quotas, stratum sizes, counts of excluded candidates, ...).
+    """
+
+    indices: np.ndarray
+    weights: np.ndarray
+    info: dict

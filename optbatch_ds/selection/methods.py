@@ -1,0 +1,204 @@
+"""select(): step 4 of OptBatch and every baseline behind one pure function.
+
+Randomness comes only from the `generator` argument, consumed in a fixed order (a contract the
+tests rely on):
+  random     torch.randperm(n)
+  ccs        torch.randperm(stratum size) per stratum with a quota, highest-loss stratum first
+  infobatch  torch.randperm(number of low-loss), then torch.randperm(number of others) if needed
+  optbatch   torch.rand(n, dtype=float64) for the Gumbel quota draw, then (within="random")
+             torch.randperm(stratum size) per stratum with a quota, highest-loss stratum first
+where n is the number of valid (finite) candidates. full and online_hard draw nothing.
+All work happens on the CPU, whatever device the inputs are on.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .config import SelectionConfig, SelectionError, SelectionResult
+from .farthest import farthest_fill, prepare_sketches
+from .strata import even_quotas, exp_loss_quotas, loss_strata
+
+
+def _as_cpu_tensor(value, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    try:
+        return torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be a tensor or array of numbers: {err}") from None
+
+
+def _check_inputs(losses, sketches, budget):
+    loss = _as_cpu_tensor(losses, "losses")
+    if loss.dim() != 1:
+        raise ValueError(f"losses must have shape (c,), got {tuple(loss.shape)}")
+    if not (loss.is_floating_point() or loss.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"losses must be floating point, got dtype {loss.dtype}")
+    loss = loss.to(torch.float64)
+    c = loss.numel()
+    sk = None
+    if sketches is not None:
+        sk = _as_cpu_tensor(sketches, "sketches")
+        if sk.dim() != 2 or sk.shape[0] != c or sk.shape[1] < 1:
+            raise ValueError(f"sketches must have shape (c, k) with c={c} (the number of losses) and k >= 1, "
+                             f"got {tuple(sk.shape)}")
+        if not sk.is_floating_point():
+            sk = sk.to(torch.float32)
+    if isinstance(budget, (bool, np.bool_)) or not isinstance(budget, (int, np.integer)):
+        raise ValueError(f"budget must be an integer, got {budget!r}")
+    budget = int(budget)
+    if budget < 1 or budget > c:
+        raise ValueError(f"budget={budget} must be between 1 and the number of candidates c={c}")
+    return loss, sk, budget
+
+
+def _json_float(value: float):
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _draw_in_strata(groups, quotas, generator) -> torch.Tensor:
+    """Random members of each stratum up to its quota, highest-loss stratum first."""
+    picks = []
+    for s in reversed(range(len(groups))):
+        if quotas[s] > 0:
+            perm = torch.randperm(groups[s].numel(), generator=generator, device=generator.device).cpu()
+            picks.append(groups[s][perm[:quotas[s]]])
+    return torch.cat(picks)
+
+
+def _random(loss, sk, budget, config, generator):
+    perm = torch.randperm(loss.numel(), generator=generator, device=generator.device).cpu()
+    return perm[:budget], None, {}
+
+
+def _online_hard(loss, sk, budget, config, generator):
+    # Stable descending sort keeps equal losses in position order: ties go to the lower index.
+    return torch.sort(loss, descending=True, stable=True).indices[:budget], None, {}
+
+
+def _strata_info(loss, groups, quotas) -> dict:
+    return {
+        "quotas": [int(q) for q in quotas],
+        "stratum_sizes": [int(g.numel()) for g in groups],
+        "stratum_loss_ranges": [[float(loss[g].min()), float(loss[g].max())] for g in groups],
+    }
+
+
+def _ccs(loss, sk, budget, config, generator):
+    groups = loss_strata(loss, config.strata)
+    quotas = even_quotas([g.numel() for g in groups], budget)
+    return _draw_in_strata(groups, quotas, generator), None, _strata_info(loss, groups, quotas)
+
+
+def _infobatch(loss, sk, budget, config, generator):
+    """Drop c - budget candidates at random from those below the mean loss; reweight kept low ones.
+
+    If fewer than c - budget candidates are below the mean, all of them are dropped and the rest of
+    the drop is drawn at random from the others (at or above the mean), which keep weight 1.
+    r = low dropped / low; kept low-loss candidates get weight 1 / (1 - r).
+    """
+    n = loss.numel()
+    threshold = float(loss.mean())
+    is_low = loss < threshold
+    low = torch.nonzero(is_low).flatten()
+    other = torch.nonzero(~is_low).flatten()
+    n_drop = n - budget
+    perm = torch.randperm(low.numel(), generator=generator, device=generator.device).cpu()
+    drop_low = low[perm[:n_drop]]
+    drop_other = other[:0]
+    if n_drop > low.numel():
+        perm = torch.randperm(other.numel(), generator=generator, device=generator.device).cpu()
+        drop_other = other[perm[:n_drop - low.numel()]]
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[drop_low] = False
+    keep[drop_other] = False
+    kept = torch.nonzero(keep).flatten()
+    ratio = drop_low.numel() / low.numel() if low.numel() else 0.0
+    weights = np.ones(budget, dtype=np.float32)
+    if ratio < 1.0:
+        weights[is_low[kept].numpy()] = 1.0 / (1.0 - ratio)
+    info = {
+        "r": ratio,
+        "drop_rate": ratio,  # same value under the name the trainer logs
+        "mean_loss_threshold": threshold,
+        "low_loss": int(low.numel()),
+        "dropped_low": int(drop_low.numel()),
+        "dropped_other": int(drop_other.numel()),
+    }
+    return kept, weights, info
+
+
+def _optbatch(loss, sk, budget, config, generator):
+    groups = loss_strata(loss, config.strata)
+    quotas = exp_loss_quotas(loss, groups, budget, config.temperature, config.quotas == "exp_loss", generator)
+    if config.within == "farthest":
+        picks = farthest_fill(prepare_sketches(sk, config.distance), groups, quotas)
+    else:
+        picks = _draw_in_strata(groups, quotas, generator)
+    return picks, None, _strata_info(loss, groups, quotas)
+
+
+_METHODS = {
+    "random": _random,
+    "online_hard": _online_hard,
+    "ccs": _ccs,
+    "infobatch": _infobatch,
+    "optbatch": _optbatch,
+}
+
+
+def select(losses, sketches, budget: int, config: SelectionConfig,
+           generator: torch.Generator | None) -> SelectionResult:
+    """Choose `budget` of the c candidates.
+
+    losses: (c,) per-candidate loss; sketches: (c, k) per-candidate sketch, or None for methods
+    that do not use them (optbatch with within="farthest" needs them). Candidates whose loss or
+    any sketch entry is NaN/inf are excluded first and counted in info["excluded_nonfinite"];
+    if fewer than `budget` remain, SelectionError. `full` is not a selection: it needs
+    budget == c and returns every candidate in order, finite or not (info["nonfinite"] counts them).
+    Returns positions 0..c-1 into the candidate arrays; see SelectionResult.
+    """
+    if not isinstance(config, SelectionConfig):
+        raise TypeError(f"config must be a SelectionConfig, got {type(config).__name__}")
+    loss, sk, budget = _check_inputs(losses, sketches, budget)
+    c = loss.numel()
+    finite = torch.isfinite(loss)
+    if sk is not None:
+        finite &= torch.isfinite(sk).all(dim=1)
+    info = {"method": config.method, "candidates": c, "budget": budget}
+
+    if config.method == "full":
+        if budget != c:
+            raise ValueError(f"method 'full' trains on every candidate: budget={budget} must equal c={c}")
+        indices = np.arange(c, dtype=np.int64)
+        mean = _json_float(loss[finite].mean()) if bool(finite.any()) else None
+        info.update(excluded_nonfinite=0, nonfinite=int((~finite).sum()),
+                    mean_loss_candidates=mean, mean_loss_selected=mean)
+        return SelectionResult(indices, np.ones(c, dtype=np.float32), info)
+
+    if config.method == "optbatch" and config.within == "farthest" and sk is None:
+        raise ValueError("method 'optbatch' with within='farthest' needs sketches of shape (c, k); got None "
+                         "(pass sketches, or set SelectionConfig.within='random')")
+    if generator is None and config.method != "online_hard":
+        raise ValueError(f"method {config.method!r} draws at random: pass a torch.Generator")
+
+    valid = torch.nonzero(finite).flatten()
+    excluded = c - valid.numel()
+    if valid.numel() < budget:
+        raise SelectionError(
+            f"only {valid.numel()} of {c} candidates have a finite loss and sketch ({excluded} non-finite); "
+            f"cannot select budget={budget}")
+    local, weights, extra = _METHODS[config.method](
+        loss[valid], None if sk is None else sk[valid], budget, config, generator)
+    indices = valid[local]
+    if weights is None:
+        weights = np.ones(budget, dtype=np.float32)
+    info.update(excluded_nonfinite=int(excluded),
+                mean_loss_candidates=_json_float(loss[valid].mean()),
+                mean_loss_selected=_json_float(loss[indices].mean()))
+    info.update(extra)
+    return SelectionResult(indices.numpy().astype(np.int64), weights.astype(np.float32), info)

@@ -1,0 +1,49 @@
+"""Selector: the stateful wrapper the trainer calls each step around the pure `select`."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .config import SelectionConfig, SelectionResult
+from .methods import select
+
+_STEP_STRIDE = 1_000_003  # prime, so (seed, step) pairs map to distinct generator seeds
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A fresh CPU generator that depends only on (seed, step)."""
+    return torch.Generator().manual_seed((int(seed) * _STEP_STRIDE + int(step)) % (1 << 63))
+
+
+class Selector:
+    """Calls `select` with a generator seeded from (config.seed, step), so each step's choice is a
+    pure function of seed and step and a resumed run chooses exactly as the original did."""
+
+    def __init__(self, config: SelectionConfig):
+        if not isinstance(config, SelectionConfig):
+            raise TypeError(f"config must be a SelectionConfig, got {type(config).__name__}")
+        self.config = config
+        self.calls = 0
+        self.last_step = None
+
+    def __call__(self, step: int, losses, sketches, budget: int) -> SelectionResult:
+        result = select(losses, sketches, budget, self.config, step_generator(self.config.seed, step))
+        self.calls += 1
+        self.last_step = int(step)
+        result.info["step"] = int(step)
+        return result
+
+    def state_dict(self) -> dict:
+        return {"method": self.config.method, "seed": self.config.seed, "calls": self.calls,
+                "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        # The current config wins; a checkpoint made with other settings is worth a warning.
+        for key in ("method", "seed"):
+            saved, now = state.get(key), getattr(self.config, key)
+            if saved is not None and saved != now:
+                warnings.warn(f"selection {key} differs: checkpoint has {saved!r}, config has {now!r}; "
+                              f"using the config's {now!r}", stacklevel=2)
+        self.calls = int(state.get("calls", 0))
+        self.last_step = state.get("last_step")
