@@ -1,0 +1,123 @@
+"""Steps 3 and 5 of DESIGN §2: gather per-sample signals to rank 0, broadcast the choice, check agreement.
+
+Knows nothing of strata or losses: it moves tensors. Every collective runs under the process
+group's timeout, so a dead rank becomes an error on the others instead of a hang.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+class DisagreementError(RuntimeError):
+    """Ranks hold different selections after the broadcast: training would silently diverge."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mpi_launched() -> bool:
+    return any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"))
+
+
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
+    """One init for every launcher: deepspeed, torchrun, srun (SLURM_*), mpirun (mpi4py), or none.
+
+    Returns (rank, world_size, local_rank)."""
+    import deepspeed
+
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        # srun without a wrapper: translate Slurm's variables to torch's (MASTER_ADDR comes from the sbatch script)
+        os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
+        os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+    mpi = "RANK" not in os.environ and _mpi_launched()
+    if "RANK" not in os.environ and not mpi:  # plain `python launch/train.py`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=mpi, verbose=False,
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return rank, world, local_rank
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def comm_device() -> torch.device:
+    """Where tensors must live for the backend: gloo takes CPU tensors, NCCL device tensors."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_to_rank0(tensor: torch.Tensor) -> torch.Tensor | None:
+    """Concatenate every rank's tensor (same shape on every rank) along dim 0 on rank 0; None elsewhere."""
+    world = dist.get_world_size()
+    dev = comm_device()
+    t = tensor.detach().to(dev).contiguous()
+    if world == 1:
+        return t.cpu()
+    parts = [torch.empty_like(t) for _ in range(world)] if dist.get_rank() == 0 else None
+    dist.gather(t, gather_list=parts, dst=0)
+    return torch.cat(parts).cpu() if parts is not None else None
+
+
+def broadcast_from_rank0(tensor: torch.Tensor | None, shape, dtype) -> torch.Tensor:
+    """Rank 0's tensor on every rank (others pass None and the expected shape/dtype)."""
+    dev = comm_device()
+    buf = tensor.to(dev, dtype).contiguous() if dist.get_rank() == 0 else torch.empty(shape, dtype=dtype, device=dev)
+    if dist.get_world_size() > 1:
+        dist.broadcast(buf, src=0)
+    return buf.cpu()
+
+
+def digest(t: torch.Tensor) -> int:
+    """A 63-bit fingerprint of a tensor's bytes (to compare what ranks hold without sending it all)."""
+    raw = t.detach().cpu().contiguous().numpy().tobytes()
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") >> 1
+
+
+def check_agreement(t: torch.Tensor, what: str = "selected indices", step: int | None = None) -> None:
+    """Raise DisagreementError on every rank if any rank's tensor differs from rank 0's."""
+    world = dist.get_world_size()
+    if world == 1:
+        return
+    mine = torch.tensor([digest(t)], dtype=torch.int64, device=comm_device())
+    all_d = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(all_d, mine)
+    values = [int(x.item()) for x in all_d]
+    bad = [r for r, v in enumerate(values) if v != values[0]]
+    if bad:
+        where = f" at step {step}" if step is not None else ""
+        raise DisagreementError(f"ranks {bad} hold different {what} than rank 0{where} "
+                                f"(digests {values}); refusing to train on inconsistent batches")
+
+
+def all_gather_objects(obj) -> list:
+    if dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,118 @@
+"""Load any Hugging Face causal LM + tokenizer, or build the small default (DESIGN §5).
+
+The default is not a special code path: it is built once (a small LlamaForCausalLM from a
+LlamaConfig plus a SentencePiece tokenizer trained on the training text), saved as an ordinary
+HF model directory in a cache beside the output, and from then on loaded like a user's model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+
+import torch
+
+DEFAULT_MODEL_CONFIG = dict(
+    hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+    max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
+)
+DEFAULT_VOCAB_SIZE = 1024
+
+
+def cache_root(output_dir: str) -> str:
+    """`.optbatch_cache` beside the output directory, so several runs (a benchmark grid) share it."""
+    return os.path.join(os.path.dirname(os.path.abspath(output_dir)) or ".", ".optbatch_cache")
+
+
+def _fingerprint(texts: list[str], seed: int, extra: dict) -> str:
+    h = hashlib.sha256(json.dumps([extra, seed], sort_keys=True).encode())
+    for t in texts:
+        h.update(t.encode("utf-8", "replace"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def build_default_model(texts: list[str], cache_dir: str, seed: int = 0,
+                        vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:
+    """Build (or reuse) the default model directory; returns its path. Safe to call from many ranks:
+    each builds into a private temporary folder and the first to finish renames it into place."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from optbatch_ds.data.tokenizer import train_sentencepiece_tokenizer
+
+    key = _fingerprint(texts, seed, {**DEFAULT_MODEL_CONFIG, "vocab": vocab_size})
+    target = os.path.join(cache_dir, f"default_model_{key}")
+    if os.path.exists(os.path.join(target, "config.json")):
+        return target
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".build_{socket.gethostname()}_{os.getpid()}_", dir=cache_dir)
+    try:
+        tokenizer = train_sentencepiece_tokenizer(texts, tmp, vocab_size=vocab_size)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **DEFAULT_MODEL_CONFIG)
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.bos_token_id = tokenizer.bos_token_id
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another rank (or node) won the race: theirs is identical
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # turn hub/offline failures into something a user can act on
+        raise ValueError(f"could not load a tokenizer from '{path}': {exc}. Pass a local model directory "
+                         f"(nothing is downloaded at run time here) and --trust-remote-code for custom code.") from exc
+    if tok.pad_token is None:
+        # Padding positions are masked out of the loss and attention; any existing token will do.
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if tok.pad_token is None:
+        raise ValueError(f"tokenizer at '{path}' has no pad, eos or unk token to pad with")
+    return tok
+
+
+def load_model(path: str, ds_config: dict, trust_remote_code: bool = False):
+    """Load a causal LM for DeepSpeed. Under ZeRO-3 the weights are partitioned while loading
+    (HfDeepSpeedConfig must stay alive, so it is returned with the model)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
+        torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
+    keep_alive = HfDeepSpeedConfig(ds_config) if stage == 3 else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ValueError(f"could not load a causal LM from '{path}': {exc}. Pass a local HF model directory; "
+                         f"add --trust-remote-code for models with custom code (ChatGLM).") from exc
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"model at '{path}' has no output embedding layer (lm_head); OptBatch scores "
+                         f"samples through it, so a causal LM with an lm_head is required")
+    return model, keep_alive
+
+
+def check_vocab(tokenizer, model, path: str) -> None:
+    """A tokenizer with ids past the embedding table would crash deep inside the forward."""
+    vocab = getattr(model.config, "vocab_size", None) or getattr(model.config, "padded_vocab_size", None)
+    emb = model.get_input_embeddings()
+    rows = getattr(getattr(emb, "weight", None), "ds_shape", None) or getattr(getattr(emb, "weight", None), "shape", None)
+    limit = rows[0] if rows is not None else vocab
+    if limit is not None and len(tokenizer) > limit:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model at '{path}' embeds only {limit}: "
+                         f"they do not belong together (pass the tokenizer saved with this model)")

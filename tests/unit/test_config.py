@@ -1,0 +1,90 @@
+import json
+
+import pytest
+
+from optbatch_ds.config import ConfigError, OptBatchConfig, RunConfig, num_candidates, parse_args, planned_steps, resolve
+
+pytestmark = pytest.mark.unit
+
+
+def _ds(**over):
+    base = json.load(open("ds_configs/zero3.json"))
+    base.update(over)
+    return base
+
+
+def test_shipped_configs_resolve():
+    for name in ("zero2", "zero3", "zero3_offload"):
+        rs = resolve(RunConfig(deepspeed=f"ds_configs/{name}.json"), world_size=2, num_train_samples=1000)
+        assert rs.train_batch_size == rs.micro_batch_size * rs.grad_accum * 2
+        assert "optbatch" not in rs.ds and "_comment" not in rs.ds
+        assert rs.ds["optimizer"]["params"]["lr"] == 1e-3  # "auto" on the built-in model
+        assert rs.ds["bf16"]["enabled"] is False  # "auto" on CPU
+        assert all(v != "auto" for v in rs.ds["scheduler"]["params"].values())
+
+
+def test_auto_batch_sizes_and_arithmetic_message():
+    rs = resolve(RunConfig(), 4, raw=_ds(train_batch_size=64, train_micro_batch_size_per_gpu="auto",
+                                         gradient_accumulation_steps=2))
+    assert (rs.micro_batch_size, rs.grad_accum) == (8, 2)
+    with pytest.raises(ConfigError, match=r"train_batch_size 30 != .* 8 x gradient_accumulation_steps 1 x world size 2"):
+        resolve(RunConfig(), 2, raw=_ds(train_batch_size=30))
+    with pytest.raises(ConfigError, match="not divisible"):
+        resolve(RunConfig(), 2, raw=_ds(train_batch_size=30, train_micro_batch_size_per_gpu="auto", gradient_accumulation_steps=4))
+
+
+@pytest.mark.parametrize("alpha,b,w,expected", [(0.3, 16, 2, 24), (0.5, 16, 2, 32), (0.0, 16, 2, 16), (0.7, 8, 4, 28)])
+def test_candidates(alpha, b, w, expected):
+    c = num_candidates(b, alpha, w)
+    assert c == expected and c % w == 0 and c >= b / (1 - alpha) - 1e-9
+
+
+def test_unknown_optbatch_key_names_nearest():
+    with pytest.raises(ConfigError, match="did you mean 'prune_ratio'"):
+        OptBatchConfig.from_dict({"prune_ration": 0.3})
+
+
+@pytest.mark.parametrize("section,match", [
+    ({"prune_ratio": 1.0}, "outside"), ({"prune_ratio": -0.1}, "outside"), ({"method": "optbach"}, "did you mean 'optbatch'"),
+    ({"strata": 0}, "strata"), ({"temperature": 0}, "temperature"), ({"feature": "grad"}, "feature"),
+    ({"sketch_dim": -1}, "sketch_dim"), ({"method": "random", "prune_ratio": 0.0}, "use method 'full'"),
+])
+def test_bad_optbatch_values(section, match):
+    with pytest.raises(ConfigError, match=match):
+        OptBatchConfig.from_dict(section)
+
+
+def test_more_strata_than_candidates():
+    with pytest.raises(ConfigError, match="more than the 24 candidates"):
+        resolve(RunConfig(), 2, raw=_ds(optbatch={"strata": 25}))
+
+
+def test_flags_override_json_and_unknown_flag():
+    run = parse_args(["--deepspeed", "ds_configs/zero3.json", "--method", "random", "--prune-ratio", "0.5",
+                      "--local_rank=1"])
+    rs = resolve(run, 2)
+    assert rs.optbatch.method == "random" and rs.optbatch.prune_ratio == 0.5 and rs.candidates == 32
+    with pytest.raises(ConfigError, match="did you mean '--prune-ratio'"):
+        parse_args(["--prune-ration", "0.3"])
+    with pytest.raises(ConfigError, match="on-bad-record"):
+        parse_args(["--on-bad-record", "ignore"])
+
+
+def test_full_method_means_no_pruning():
+    rs = resolve(RunConfig(method="full"), 2)
+    assert rs.optbatch.prune_ratio == 0.0 and rs.candidates == rs.train_batch_size
+
+
+def test_planned_steps():
+    run = RunConfig(epochs=2)
+    assert planned_steps(run, 100, 24) == 8
+    assert planned_steps(RunConfig(max_steps=3), 100, 24) == 3
+    with pytest.raises(ConfigError, match="fewer than"):
+        planned_steps(run, 10, 24)
+
+
+def test_bad_json_names_line(tmp_path):
+    p = tmp_path / "ds.json"
+    p.write_text('{\n "train_batch_size": 16,\n oops\n}')
+    with pytest.raises(ConfigError, match=r"ds.json:3"):
+        resolve(RunConfig(deepspeed=str(p)), 2)
