@@ -1,0 +1,134 @@
+"""Unit tests of the demo instruction set (DESIGN §5).
+
+    python -m pytest tests/unit/test_demo_data.py -q
+"""
+import json
+import re
+from collections import Counter
+
+import pytest
+
+from optbatch_ds.data import load_examples, make_demo_data
+from optbatch_ds.data.demo import EN_ADJS, EN_NOUNS, ZORBISH
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return make_demo_data(tmp_path_factory.mktemp("demo"), seed=0)
+
+
+def read(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_deterministic_for_a_seed(demo, tmp_path):
+    again = make_demo_data(tmp_path / "a", seed=0)
+    other = make_demo_data(tmp_path / "b", seed=1)
+    for name in ("train", "eval", "train_clean"):
+        with open(demo[name], "rb") as f, open(again[name], "rb") as g, open(other[name], "rb") as h:
+            mine = f.read()
+            assert mine == g.read() and mine != h.read()
+    assert again["stats"] == demo["stats"]
+
+
+def test_defect_rates_and_task_mix(demo):
+    train = read(demo["train"])
+    n = len(train)
+    assert n == 3000
+    defects = Counter(r["defect"] for r in train)
+    assert defects["duplicate"] >= 0.10 * n and defects["misaligned"] >= 0.10 * n and defects["truncated"] > 0
+    assert set(defects) == {"none", "duplicate", "misaligned", "truncated"}
+    tasks = Counter(r["task"] for r in train)
+    assert tasks == {"dialogue": 1650, "qa": 900, "translation": 450}
+    stats = demo["stats"]["train"]
+    assert stats["by_defect"] == dict(sorted(defects.items())) and stats["by_task"] == dict(sorted(tasks.items()))
+    # Duplicates are exact copies of a clean record of the same task; clean prompts are unique.
+    clean = [r for r in train if r["defect"] == "none"]
+    clean_msgs = {json.dumps(r["messages"]): r["task"] for r in clean}
+    assert len(clean_msgs) == len(clean)
+    for r in train:
+        if r["defect"] == "duplicate":
+            assert clean_msgs[json.dumps(r["messages"])] == r["task"]
+    assert read(demo["train_clean"]) == clean
+    # Every task carries every defect.
+    assert all(set(c) == set(defects) for c in stats["by_task_defect"].values())
+
+
+def _correct_answer(record):
+    """The answer the prompt determines (recomputed from the text)."""
+    msgs = record["messages"]
+    user = " ".join(m["content"] for m in msgs if m["role"] == "user")
+    ans = msgs[-1]["content"]
+    if record["task"] == "translation":
+        en = msgs[-1 - 1]["content"].split(": ", 1)[1].split()
+        words = [w for w in en if w != "the"]
+        out, i = [], 0
+        groups = []
+        while i < len(words):  # [adj] noun groups and the verb
+            if words[i] in EN_ADJS:
+                groups.append([ZORBISH[words[i + 1]], ZORBISH[words[i]]])
+                i += 2
+            elif words[i] in EN_NOUNS:
+                groups.append([ZORBISH[words[i]]])
+                i += 1
+            else:
+                verb = ZORBISH[words[i]]
+                i += 1
+        for g in groups:
+            out += g
+        return " ".join(out + [verb])
+    return ans if re.sub(r"[.?]", "", ans).split()[-1] in user else None
+
+
+def test_clean_answers_follow_from_prompt_and_defects_break_them(demo):
+    train = read(demo["train"])
+    for r in train:
+        ok = _correct_answer(r) == r["messages"][-1]["content"]
+        if r["defect"] in ("none", "duplicate"):
+            assert ok, r
+        elif r["defect"] == "truncated":
+            assert not ok or r["task"] != "translation", r
+    for r in train:
+        if r["defect"] == "misaligned" and r["task"] == "translation":
+            assert _correct_answer(r) != r["messages"][-1]["content"]
+
+
+def test_eval_is_clean_disjoint_and_short(demo):
+    ev = read(demo["eval"])
+    assert Counter(r["task"] for r in ev) == {"dialogue": 100, "qa": 100, "translation": 100}
+    assert all(r["defect"] == "none" for r in ev)
+    assert all(_correct_answer(r) == r["messages"][-1]["content"] for r in ev)
+    train_prompts = {json.dumps(r["messages"][:-1]) for r in read(demo["train"])}
+    assert not any(json.dumps(r["messages"][:-1]) in train_prompts for r in ev)
+    train_sentences = {r["messages"][0]["content"].split(": ", 1)[1] for r in read(demo["train"])
+                       if r["task"] == "translation"}
+    assert not any(r["messages"][0]["content"].split(": ", 1)[1] in train_sentences
+                   for r in ev if r["task"] == "translation")
+    assert all(1 <= len(r["messages"][-1]["content"].split()) <= 8 for r in ev)
+
+
+def test_records_parse_with_load_examples(demo):
+    train = load_examples(demo["train"])
+    assert len(train) == 3000 and {e.task for e in train} == {"dialogue", "qa", "translation"}
+    assert {e.meta["defect"] for e in train} == {"none", "duplicate", "misaligned", "truncated"}
+    dialogue = [e for e in train if e.task == "dialogue"]
+    assert any(e.messages[0]["role"] == "system" for e in dialogue)
+    assert {sum(m["role"] == "assistant" for m in e.messages) for e in dialogue} == {2, 3}
+    assert len(load_examples(demo["eval"])) == 300 and len(load_examples(demo["train_clean"])) == 2100
+
+
+def test_sizes_rates_and_mix_are_parameters(tmp_path):
+    out = make_demo_data(tmp_path, seed=5, n_train=200, n_eval_per_task=10,
+                         task_mix={"qa": 1, "translation": 1}, duplicate_rate=0.2, misaligned_rate=0.0,
+                         truncated_rate=0.1)
+    s = out["stats"]
+    assert s["train"]["by_task"] == {"qa": 100, "translation": 100}
+    assert s["train"]["by_defect"] == {"duplicate": 40, "none": 140, "truncated": 20}
+    assert s["eval"]["by_task"] == {"dialogue": 10, "qa": 10, "translation": 10}
+    with pytest.raises(ValueError, match="task_mix"):
+        make_demo_data(tmp_path, task_mix={"chat": 1})
+    with pytest.raises(ValueError, match="defect rates"):
+        make_demo_data(tmp_path, duplicate_rate=0.5, misaligned_rate=0.5)
