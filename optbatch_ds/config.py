@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+DEFAULT_EPOCHS_DEMO = 8  # the built-in model needs several passes over the toy set to show learning
+DEFAULT_EPOCHS = 3
 DEFAULT_LR_SMALL_MODEL = 1e-3
 DEFAULT_LR_PRETRAINED = 2e-5
 METHODS = ("full", "random", "online_hard", "ccs", "infobatch", "optbatch")
@@ -54,7 +56,8 @@ class OptBatchConfig:
     sketch_dim: int = _help("k, the random-projection dimension of the features (0 = no projection).", 256)
     eps: float = _help("eps in 1/sqrt(v + eps), the curvature normaliser.", 1e-8)
     vocab_chunk: int = _help("Vocabulary rows processed at once when computing features (bounds memory).", 4096)
-    score_batch_size: int = _help("Samples per scoring forward; 0 = train_micro_batch_size_per_gpu.", 0)
+    score_batch_size: int = _help("Samples per scoring forward; 0 = 2 x train_micro_batch_size_per_gpu (no "
+                                  "activations are kept for backward, so twice the micro batch fits).", 0)
     seed: int = _help("Seed of the selector and of the sketch projection (same on every rank).", 0)
 
     def __post_init__(self):
@@ -127,7 +130,8 @@ class RunConfig:
     eval_data: str | None = _help("Held-out data (same formats); default: the demo eval split, else none.", None)
     data_format: str = _help("auto | alpaca | sharegpt | messages.", "auto")
     output_dir: str = _help("Where checkpoints, metrics, eval and the final HF export go.", "outputs/default")
-    epochs: float = _help("Passes over the training data (each sample scored once per epoch).", 1.0)
+    epochs: float | None = _help("Passes over the training data (each sample scored once per epoch); "
+                                 f"default {DEFAULT_EPOCHS_DEMO} on the demo data, {DEFAULT_EPOCHS} otherwise.", None)
     max_steps: int = _help("Stop after this many optimizer steps (-1: run the epochs).", -1)
     max_seq_len: int = _help("Token limit per sample; longer samples are truncated (and reported).", 256)
     seed: int = _help("Seed of the data order, model init and selection.", 42)
@@ -186,7 +190,7 @@ def parse_args(argv=None) -> RunConfig:
         raise ConfigError(f"--resume {cfg.resume}: no such checkpoint (use 'auto' or a checkpoints/step_XXXXXX path)")
     if cfg.max_seq_len < 8:
         raise ConfigError(f"--max-seq-len {cfg.max_seq_len} is too small (at least 8)")
-    if cfg.epochs <= 0 and cfg.max_steps <= 0:
+    if cfg.epochs is not None and cfg.epochs <= 0 and cfg.max_steps <= 0:
         raise ConfigError("--epochs must be > 0 (or give --max-steps)")
     return cfg
 
@@ -357,8 +361,9 @@ def planned_steps(run: RunConfig, num_train_samples: int | None, candidates: int
         return run.max_steps
     if not num_train_samples:
         return 0
+    epochs = run.epochs if run.epochs is not None else (DEFAULT_EPOCHS_DEMO if run.data is None else DEFAULT_EPOCHS)
     per_epoch = num_train_samples // candidates
     if per_epoch == 0:
         raise ConfigError(f"the training set has {num_train_samples} samples, fewer than the {candidates} "
                           f"candidates of one step; lower train_batch_size or add data")
-    return int(math.ceil(per_epoch * run.epochs))
+    return int(math.ceil(per_epoch * epochs))

@@ -241,7 +241,7 @@ def train(run: RunConfig, rank: int, world: int, local_rank: int) -> dict | None
                   if ob.needs_features and 0 < ob.sketch_dim < feat_in else None)
     sampler = EpochSampler(len(prep["pool"]), seed=run.seed)
     selector = Selector(ob.selection_config())
-    score_bs = ob.score_batch_size or rs.micro_batch_size
+    score_bs = ob.score_batch_size or 2 * rs.micro_batch_size
 
     log0(f"optbatch_ds | world {world} | model {prep['model_path']} ({n_params / 1e6:.2f}M params) | "
          f"train {len(prep['pool'])} samples | method {ob.method} | prune {ob.prune_ratio} | "
@@ -310,7 +310,7 @@ def train(run: RunConfig, rank: int, world: int, local_rank: int) -> dict | None
         progress = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, mininterval=1.0)
     c, b = rs.candidates, rs.train_batch_size
     cpr, bpr = rs.candidates_per_rank, rs.batch_per_rank
-    evals = []
+    evals, history = [], []  # history: the selected indices of every step, as this rank holds them
     step = start_step
     engine.train()
     t_run = time.perf_counter()
@@ -369,6 +369,7 @@ def train(run: RunConfig, rank: int, world: int, local_rank: int) -> dict | None
             comm.check_agreement(torch.cat([sel_pos.double(), weights.double()]), step=step)
             timers["broadcast"] = time.perf_counter() - t0
             selected = [cand[p] for p in sel_pos.tolist()]
+            history.append(selected)
             # 6. train on this rank's share, micro-batch by micro-batch
             t0 = time.perf_counter()
             my_sel = selected[rank * bpr:(rank + 1) * bpr]
@@ -435,7 +436,7 @@ def train(run: RunConfig, rank: int, world: int, local_rank: int) -> dict | None
             if stats[3] > 0:  # preempted: save and leave cleanly so a requeued job resumes here
                 last_ckpt = save(step)
                 log0(f"SIGTERM: saved {last_ckpt} at step {step}; exiting for requeue")
-                return {"preempted": True, "step": step}
+                return {"preempted": True, "step": step, "history": history, "rank": rank}
             if run.save_every and step % run.save_every == 0 and step < total_steps:
                 last_ckpt = save(step)
             if run.eval_every and step % run.eval_every == 0 and step < total_steps:
@@ -463,7 +464,7 @@ def train(run: RunConfig, rank: int, world: int, local_rank: int) -> dict | None
 
         export_hf(engine, tok, os.path.join(out, "final"), rank=rank, stage3=stage3)
         log0(f"exported Hugging Face model to {os.path.join(out, 'final')}")
-    return {"step": step, "eval": result, "totals": totals}
+    return {"step": step, "eval": result, "totals": totals, "history": history, "rank": rank}
 
 
 def main(argv=None) -> int:
