@@ -9,11 +9,14 @@ Run as:
 import os
 import sys
 
+# launch/ must not shadow the standard library (launch/select.py vs the stdlib `select` module):
+# replace the script's folder on the path with the repository root before anything else is imported.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from optbatch_ds.cli import run_main  # noqa: E402
 

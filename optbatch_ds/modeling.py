@@ -35,15 +35,16 @@ def _fingerprint(texts: list[str], seed: int, extra: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def build_default_model(texts: list[str], cache_dir: str, seed: int = 0,
-                        vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:
+def build_default_model(texts: list[str], cache_dir: str, seed: int = 0, vocab_size: int = DEFAULT_VOCAB_SIZE,
+                        config_overrides: dict | None = None) -> str:
     """Build (or reuse) the default model directory; returns its path. Safe to call from many ranks:
     each builds into a private temporary folder and the first to finish renames it into place."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from optbatch_ds.data.tokenizer import train_sentencepiece_tokenizer
 
-    key = _fingerprint(texts, seed, {**DEFAULT_MODEL_CONFIG, "vocab": vocab_size})
+    model_config = {**DEFAULT_MODEL_CONFIG, **(config_overrides or {})}
+    key = _fingerprint(texts, seed, {**model_config, "vocab": vocab_size})
     target = os.path.join(cache_dir, f"default_model_{key}")
     if os.path.exists(os.path.join(target, "config.json")):
         return target
@@ -53,7 +54,7 @@ def build_default_model(texts: list[str], cache_dir: str, seed: int = 0,
         tokenizer = train_sentencepiece_tokenizer(texts, tmp, vocab_size=vocab_size)
         config = LlamaConfig(
             vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, **DEFAULT_MODEL_CONFIG)
+            pad_token_id=tokenizer.pad_token_id, **model_config)
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
