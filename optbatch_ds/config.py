@@ -53,7 +53,8 @@ class OptBatchConfig:
         "(no curvature normalisation, ablation) or 'hidden' (mean lm_head input, ablation).",
         "grad_curvature",
     )
-    sketch_dim: int = _help("k, the random-projection dimension of the features (0 = no projection).", 256)
+    sketch_dim: int = _help("k, the random-projection dimension of the features (0 = no projection); 512 keeps "
+                            "pairwise distances within ~12% (tests/unit/test_scoring.py JL test).", 512)
     eps: float = _help("eps in 1/sqrt(v + eps), the curvature normaliser.", 1e-8)
     vocab_chunk: int = _help("Vocabulary rows processed at once when computing features (bounds memory).", 4096)
     score_batch_size: int = _help("Samples per scoring forward; 0 = 2 x train_micro_batch_size_per_gpu (no "
