@@ -1,0 +1,34 @@
+"""Benchmark grid: methods x prune ratios x seeds, each run through launch/train.py and the deepspeed launcher.
+
+Run as:
+    python launch/bench.py                                         # full grid on the demo set: 6 methods x (0.2,0.3,0.5,0.7) x 3 seeds, 2 CPU ranks
+    python launch/bench.py --dry-run                               # print the plan (runs, estimated time) only
+    python launch/bench.py --methods full,random,optbatch --ratios 0.3,0.5 --seeds 2 --epochs 2 --out bench_out/small
+    python launch/bench.py --methods full,optbatch --ablations     # + optbatch:strata=1, :within=random, :quotas=uniform,
+                                                                   #   :feature=grad_raw, :feature=hidden at --ablation-ratio 0.3
+    python launch/bench.py --methods random,optbatch:strata=5,temperature=2 --ratios 0.3
+    python launch/bench.py --num-gpus 8 --model PATH --data train.jsonl --eval-data eval.jsonl -- --max-seq-len 1024
+    python launch/bench.py --methods random,optbatch --ratios 0.3 --seeds 1 --max-steps 4 --eval-every 2 \
+        --eval-samples-per-task 2 --out /tmp/bench_micro           # the integration test's micro-grid (~1-2 min on 2 CPU cores)
+
+Writes to --out (default bench_out/): runs/<run>/ (one training run each, with log.txt), results.csv,
+results.json, results.md, quality_vs_ratio.png, quality_vs_time.png, heldout_vs_epoch.png.
+Rerunning the same command skips the finished runs (those with eval.json) and retries the rest.
+"""
+import os
+import sys
+
+# Python puts this script's folder first on sys.path, where launch/select.py would shadow the standard
+# library's `select` module (imported by subprocess): drop the folder, add the repository root.
+_HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from optbatch_ds.cli import run_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run_main("optbatch_ds.bench"))

@@ -1,0 +1,906 @@
+"""The benchmark grid behind launch/bench.py: plan -> run -> collect -> tabulate -> plot.
+
+Every run is one ordinary training run (launch/train.py through the deepspeed launcher), so the
+benchmark measures exactly what a user gets. Methods x prune ratios x seeds, plus ablations of the
+"optbatch" section written as `method:key=value[,key=value]` (e.g. `optbatch:strata=1`); an
+ablation becomes a derived DeepSpeed JSON in the output folder, because the section has no flags.
+
+Layout of --out:
+    runs/<method>[__<key>-<value>]_a<ratio>_s<seed>/   one training run (its log.txt, bench_status.json)
+    ds_configs/<variant>.json                          derived configs of the ablations
+    results.csv, results.json, results.md, *.png       the comparison
+A run is finished when its eval.json exists; finished runs are skipped on the next invocation,
+unfinished or failed ones are started again from scratch.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+from optbatch_ds.config import (METHODS, ConfigError, OptBatchConfig, RunConfig, _nearest, load_json_config,
+                                planned_steps, resolve)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_SCRIPT = os.path.join(ROOT, "launch", "train.py")
+DEFAULT_METHODS = ",".join(METHODS)
+DEFAULT_RATIOS = "0.2,0.3,0.5,0.7"
+ABLATIONS = ("optbatch:strata=1", "optbatch:within=random", "optbatch:quotas=uniform",
+             "optbatch:feature=grad_raw", "optbatch:feature=hidden")
+TIME_PARTS = ("draw", "curvature", "score_forward", "features", "gather", "select", "broadcast", "train",
+              "diagnostics", "total")
+# Plan estimate before any run has finished: the default model on the demo data does ~10 full-data
+# steps/s on 2 CPU ranks, start-up ~10 s. Refined from the runs that finish (bench_status.json).
+FULL_STEP_S, STARTUP_S, EVAL_S = 0.1, 10.0, 5.0
+FAILED_TAIL_LINES = 30
+
+
+# ---------------------------------------------------------------------------- plan
+
+@dataclass
+class Variant:
+    """A method, optionally with overrides of its "optbatch" section (an ablation)."""
+
+    method: str
+    overrides: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if not self.overrides:
+            return self.method
+        return self.method + ":" + ",".join(f"{k}={_fmt_value(v)}" for k, v in self.overrides.items())
+
+    @property
+    def slug(self) -> str:
+        """Filesystem-safe label: optbatch:strata=1 -> optbatch__strata-1."""
+        if not self.overrides:
+            return self.method
+        parts = [f"{k}-{_fmt_value(v)}" for k, v in self.overrides.items()]
+        return re.sub(r"[^A-Za-z0-9_.+-]", "_", self.method + "__" + "__".join(parts))
+
+
+@dataclass
+class RunSpec:
+    variant: Variant
+    prune_ratio: float
+    seed: int
+    name: str
+    dir: str
+    deepspeed: str                  # the JSON this run is launched with
+    candidates: int                 # c per step (all ranks)
+    train_batch_size: int           # b per step (all ranks)
+    steps: int                      # planned optimizer steps (0: unknown)
+    steps_per_epoch: int            # pool // c (0: unknown)
+    eval_every: int
+    est_s: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return self.variant.label
+
+
+def _fmt_value(v) -> str:
+    return json.dumps(v) if not isinstance(v, str) else v
+
+
+def _parse_value(text: str):
+    """'1' -> 1, '0.5' -> 0.5, 'true' -> True, anything else stays a string ('random', 'inf')."""
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return v if isinstance(v, (int, float, bool)) else text
+
+
+def parse_variant(spec: str) -> Variant:
+    """`method` or `method:key=value[,key=value]`; checks the method name and the key=value syntax."""
+    spec = spec.strip()
+    method, _, rest = spec.partition(":")
+    method = method.strip()
+    if method not in METHODS:
+        raise ConfigError(f"--methods: '{method}' is not a method{_nearest(method, METHODS)}")
+    overrides: dict = {}
+    if rest:
+        for item in rest.split(","):
+            key, eq, value = (s.strip() for s in item.partition("="))
+            if not eq or not key or not value:
+                raise ConfigError(f"--methods {spec}: '{item}' is not key=value "
+                                  f"(e.g. optbatch:strata=1 or optbatch:within=random,quotas=uniform)")
+            if key in ("method", "prune_ratio"):
+                raise ConfigError(f"--methods {spec}: set '{key}' with --methods / --ratios, not as an ablation key")
+            overrides[key] = _parse_value(value)
+    return Variant(method, overrides)
+
+
+def parse_variants(methods: str, ablations: bool) -> list[tuple[Variant, bool]]:
+    """(variant, is_ablation_shortcut) in order, without duplicates."""
+    out: list[tuple[Variant, bool]] = []
+    seen = set()
+    specs = [(s, False) for s in methods.split(",") if s.strip()]
+    # "optbatch:within=random,quotas=uniform" splits on the comma too: glue key=value pieces back on
+    merged: list[tuple[str, bool]] = []
+    for s, flag in specs:
+        if merged and "=" in s and ":" not in s:
+            merged[-1] = (merged[-1][0] + "," + s, flag)
+        else:
+            merged.append((s, flag))
+    merged += [(s, True) for s in (ABLATIONS if ablations else ())]
+    for s, flag in merged:
+        v = parse_variant(s)
+        if v.label not in seen:
+            seen.add(v.label)
+            out.append((v, flag))
+    if not out:
+        raise ConfigError("--methods is empty; e.g. --methods full,random,optbatch")
+    return out
+
+
+def parse_ratios(text: str) -> list[float]:
+    try:
+        ratios = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--ratios {text}: expected comma-separated numbers in (0, 1), e.g. 0.2,0.3,0.5") from None
+    for r in ratios:
+        if not 0.0 < r < 1.0:
+            raise ConfigError(f"--ratios: {r} is outside (0, 1); 0.3 trains on 70% of each candidate pool")
+    if not ratios:
+        raise ConfigError("--ratios is empty")
+    return sorted(set(ratios))
+
+
+def _abs_if_local(path: str | None) -> str | None:
+    """Local paths become absolute (runs start in the repo root); hub names pass through."""
+    return os.path.abspath(path) if path is not None and os.path.exists(path) else path
+
+
+def count_train_samples(args) -> int | None:
+    """Training records of the data the runs will use (an estimate of the sampler's pool), or None."""
+    from optbatch_ds.data import SkipReport, load_examples
+
+    try:
+        if args.data is None:
+            from optbatch_ds.data.demo import make_demo_data
+
+            with tempfile.TemporaryDirectory() as tmp:  # same generator and seed as the trainer's demo set
+                make_demo_data(tmp, seed=0)
+                return len(load_examples(os.path.join(tmp, "train.jsonl")))
+        if os.path.exists(args.data):
+            return len(load_examples(args.data, on_bad_record="skip", report=SkipReport()))
+    except Exception as exc:  # the runs themselves report bad data properly; the plan only loses its estimate
+        print(f"note: could not count the training samples ({exc}); the plan has no step estimate", flush=True)
+    return None
+
+
+def derived_config(base: dict, variant: Variant) -> dict:
+    ds = copy.deepcopy(base)
+    section = dict(ds.get("optbatch") or {})
+    section["method"] = variant.method
+    section.update(variant.overrides)
+    ds["optbatch"] = section
+    return ds
+
+
+def make_plan(args, variants, ratios: list[float], base: dict, n_train: int | None) -> list[RunSpec]:
+    """Every run of the grid, each validated the way the trainer will resolve it. Raises ConfigError."""
+    runs_dir = os.path.join(args.out, "runs")
+    plan = []
+    for variant, is_shortcut in variants:
+        ds = derived_config(base, variant) if variant.overrides else base
+        ds_path = (os.path.join(args.out, "ds_configs", variant.slug + ".json") if variant.overrides
+                   else os.path.abspath(args.deepspeed))
+        v_ratios = [0.0] if variant.method == "full" else ([args.ablation_ratio] if is_shortcut else ratios)
+        for ratio in v_ratios:
+            section = {**(ds.get("optbatch") or {}), "method": variant.method, "prune_ratio": ratio}
+            try:
+                OptBatchConfig.from_dict(section)
+                run = RunConfig(deepspeed=ds_path, model=args.model, data=args.data, eval_data=args.eval_data,
+                                epochs=args.epochs, max_steps=args.max_steps, method=variant.method,
+                                prune_ratio=ratio)
+                rs = resolve(run, args.nproc, raw=ds, num_train_samples=n_train)
+                steps = planned_steps(run, n_train, rs.candidates)
+            except ConfigError as exc:
+                raise ConfigError(f"--methods {variant.label} at prune ratio {ratio}: {exc}") from None
+            per_epoch = n_train // rs.candidates if n_train else 0
+            eval_every = args.eval_every if args.eval_every >= 0 else (math.ceil(steps / 4) if steps else 0)
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
+                name = f"{variant.slug}_a{ratio:.2f}_s{seed}"
+                plan.append(RunSpec(variant, ratio, seed, name, os.path.join(runs_dir, name), ds_path,
+                                    rs.candidates, rs.train_batch_size, steps, per_epoch, eval_every))
+    return plan
+
+
+def estimate_seconds(run: RunSpec, scale: float = 1.0) -> float:
+    """Start-up + steps x (train b + score c) + evaluations, in units of a full-data step."""
+    needs_scores = run.variant.method not in ("full", "random")
+    step_cost = 1.0 + (run.candidates / (3.0 * run.train_batch_size) if needs_scores else 0.0)
+    evals = 1 + (run.steps // run.eval_every if run.eval_every else 0)
+    return scale * (STARTUP_S + run.steps * FULL_STEP_S * step_cost + evals * EVAL_S)
+
+
+def _fmt_s(s: float) -> str:
+    if s != s:
+        return "?"
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+def print_plan(plan: list[RunSpec], scale: float, args, n_train: int | None) -> None:
+    budget = f"--max-steps {args.max_steps}" if args.max_steps > 0 else f"--epochs {args.epochs:g}"
+    print(f"bench | {len(plan)} runs | {args.nproc} rank(s) | {budget} | data {args.data or 'demo'} "
+          f"({n_train if n_train else '?'} train samples) | model {args.model or 'built-in small Llama'} | out {args.out}")
+    head = f"{'#':>3}  {'run':<44} {'method':<34} {'ratio':>5} {'seed':>4} {'b/c':>7} {'steps':>6} {'eval@':>5} {'est':>7}  status"
+    print(head)
+    print("-" * len(head))
+    todo = 0.0
+    for i, r in enumerate(plan, 1):
+        done = os.path.exists(os.path.join(r.dir, "eval.json"))
+        status = "done (skip)" if done else ("retry" if os.path.isdir(r.dir) else "todo")
+        todo += 0.0 if done else r.est_s
+        print(f"{i:>3}  {r.name:<44} {r.label:<34} {r.prune_ratio:>5.2f} {r.seed:>4} "
+              f"{f'{r.train_batch_size}/{r.candidates}':>7} {r.steps or '?':>6} {r.eval_every or '-':>5} "
+              f"{_fmt_s(r.est_s):>7}  {status}")
+    how = "calibrated on finished runs" if scale != 1.0 else \
+        f"assumes {1 / FULL_STEP_S:.0f} full-data steps/s and {STARTUP_S:.0f} s start-up (demo model, 2 CPU ranks)"
+    print(f"estimated time for the runs to do: {_fmt_s(todo)} ({how})", flush=True)
+
+
+# ---------------------------------------------------------------------------- run
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_command(run: RunSpec, args, extra: list[str]) -> list[str]:
+    train_args = ["--deepspeed", run.deepspeed, "--method", run.variant.method, "--seed", str(run.seed),
+                  "--output-dir", run.dir, "--no-export"]
+    if run.variant.method != "full":
+        train_args += ["--prune-ratio", repr(run.prune_ratio)]
+    if args.max_steps > 0:
+        train_args += ["--max-steps", str(args.max_steps)]
+    else:
+        train_args += ["--epochs", f"{args.epochs:g}"]
+    for flag, value in (("--model", args.model), ("--data", args.data), ("--eval-data", args.eval_data)):
+        if value is not None:
+            train_args += [flag, value]
+    if run.eval_every:
+        train_args += ["--eval-every", str(run.eval_every)]
+    if args.eval_samples_per_task is not None:
+        train_args += ["--eval-samples-per-task", str(args.eval_samples_per_task)]
+    train_args += extra
+    if args.nproc == 1 and not args.launcher_args:
+        return [sys.executable, TRAIN_SCRIPT, *train_args]
+    launcher = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or shutil.which("deepspeed")
+    launcher_cmd = [launcher] if launcher else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    # a free port per run: the default 29500 may be held by another job on this machine
+    return [*launcher_cmd, "--num_gpus", str(args.nproc), "--master_port", str(_free_port()),
+            *shlex.split(args.launcher_args), TRAIN_SCRIPT, *train_args]
+
+
+def _tail(path: str, n: int) -> list[str]:
+    try:
+        with open(path, errors="replace") as f:
+            return [l.rstrip("\n") for l in f.readlines()[-n:]]
+    except OSError:
+        return []
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the run's process group (the trainer checkpoints and leaves), SIGKILL if it lingers."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def execute(run: RunSpec, cmd: list[str], timeout: float, run_ranks: int = 1) -> dict:
+    """Run one training run into run.dir (from scratch); returns and writes its bench_status.json."""
+    if os.path.isdir(run.dir):
+        shutil.rmtree(run.dir)  # an unfinished attempt: its appended eval_history would mix with the new one
+    os.makedirs(run.dir)
+    log_path = os.path.join(run.dir, "log.txt")
+    t0 = time.time()
+    status, rc = "failed", None
+    with open(log_path, "w") as log:
+        log.write("$ " + shlex.join(cmd) + "\n\n")
+        log.flush()
+        # PYTHONSAFEPATH: launch/ is not put first on the runs' sys.path, where launch/select.py would shadow
+        # the standard library's `select` (train.py adds the repository root itself)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
+        # like torchrun: ranks sharing a CPU must not each spawn a thread per core
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, run_ranks))))
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout or None)
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            status = "timeout"
+        except KeyboardInterrupt:
+            _stop(proc)
+            raise
+    elapsed = time.time() - t0
+    if status != "timeout":
+        status = "ok" if rc == 0 and os.path.exists(os.path.join(run.dir, "eval.json")) else "failed"
+    record = {"status": status, "returncode": rc, "elapsed_s": round(elapsed, 3), "est_s": round(run.est_s, 3),
+              "command": shlex.join(cmd), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if status != "ok":
+        record["log_tail"] = _tail(log_path, FAILED_TAIL_LINES)
+        with open(os.path.join(run.dir, "failure.txt"), "w") as f:
+            f.write(f"{status} (return code {rc}) after {elapsed:.0f} s\n$ {shlex.join(cmd)}\n\n")
+            f.write("\n".join(record["log_tail"]) + "\n")
+    _write_json(os.path.join(run.dir, "bench_status.json"), record)
+    return record
+
+
+def _calibration(plan: list[RunSpec]) -> float:
+    """Measured / estimated time over the runs that finished (in this or an earlier invocation)."""
+    actual = est = 0.0
+    for r in plan:
+        st = _read_json(os.path.join(r.dir, "bench_status.json"))
+        if st and st.get("status") == "ok" and st.get("est_s"):
+            actual += st["elapsed_s"]
+            est += st["est_s"]
+    return actual / est if est > 0 else 1.0
+
+
+def _remove_checkpoints(run: RunSpec) -> None:
+    """The comparison needs metrics and evals, not weights; ZeRO checkpoints of real models are large."""
+    shutil.rmtree(os.path.join(run.dir, "checkpoints"), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- collect
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        out.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        pass  # a torn last line of a killed run
+    except OSError:
+        pass
+    return out
+
+
+def _nanmean(xs) -> float:
+    xs = [x for x in xs if x is not None and x == x]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _pool_size(run: RunSpec) -> int | None:
+    """Usable training samples, as the trainer logged them (else the plan's count)."""
+    for line in _tail(os.path.join(run.dir, "log.txt"), 10**6):
+        m = re.search(r"\| train (\d+) samples \|", line)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def collect_run(run: RunSpec, tasks_seen: set) -> dict:
+    """One row: identity, status, final held-out metrics, totals, time breakdown, and the eval curve."""
+    st = _read_json(os.path.join(run.dir, "bench_status.json")) or {}
+    ev = _read_json(os.path.join(run.dir, "eval.json"))
+    status = "ok" if ev is not None else st.get("status", "not run")
+    row: dict = {"run": run.name, "label": run.label, "method": run.variant.method,
+                 "ablation": ",".join(f"{k}={_fmt_value(v)}" for k, v in run.variant.overrides.items()),
+                 "prune_ratio": run.prune_ratio, "seed": run.seed, "status": status,
+                 "train_batch_size": run.train_batch_size, "candidates": run.candidates}
+    metrics = _read_jsonl(os.path.join(run.dir, "metrics.jsonl"))
+    last = metrics[-1] if metrics else {}
+    pool = _pool_size(run)
+    per_epoch = pool // run.candidates if pool else run.steps_per_epoch
+    row["steps"] = last.get("step", 0)
+    row["epochs"] = row["steps"] / per_epoch if per_epoch else float("nan")
+    if ev is not None:
+        tasks = ev.get("tasks", {})
+        tasks_seen.update(tasks)
+        row["heldout_loss"] = ev.get("loss")
+        for key, name in (("exact_match", "em"), ("bleu4", "bleu4"), ("rougeL", "rougeL")):
+            row[f"{name}_mean"] = _nanmean([t.get(key) for t in tasks.values()])
+            for task, t in tasks.items():
+                row[f"{name}_{task}"] = t.get(key)
+        for task, t in tasks.items():
+            row[f"loss_{task}"] = t.get("loss")
+    for key in ("samples_trained", "samples_scored", "tokens_trained", "flops"):
+        row[key] = last.get(key, 0)
+    cum_wall, wall_at = 0.0, {}
+    sums = dict.fromkeys(TIME_PARTS, 0.0)
+    for m in metrics:
+        t = m.get("time", {})
+        for k in TIME_PARTS:
+            sums[k] += float(t.get(k, 0.0) or 0.0)
+        cum_wall += float(t.get("total", 0.0) or 0.0)
+        wall_at[m.get("step")] = (cum_wall, m.get("flops", 0.0))
+    row["wall_s"] = sums["total"]  # training time: the steps themselves, without start-up and evaluations
+    for k in TIME_PARTS[:-1]:
+        row[f"time_{k}"] = sums[k]
+    history = []
+    for h in _read_jsonl(os.path.join(run.dir, "eval_history.jsonl")):
+        step = h.get("step")
+        if step not in wall_at:
+            continue
+        history.append({"step": step, "epoch": step / per_epoch if per_epoch else float("nan"),
+                        "wall_s": wall_at[step][0], "flops": wall_at[step][1], "loss": h.get("loss"),
+                        "em_mean": _nanmean([t.get("exact_match") for t in h.get("tasks", {}).values()])})
+    row["eval_s"] = sum(float(h.get("seconds", 0.0) or 0.0) for h in _read_jsonl(os.path.join(run.dir, "eval_history.jsonl")))
+    row["elapsed_s"] = st.get("elapsed_s", float("nan"))
+    row["run_dir"] = run.dir
+    row["history"] = history
+    return row
+
+
+# ---------------------------------------------------------------------------- tabulate
+
+def _mean_std(xs) -> tuple[float, float]:
+    xs = [float(x) for x in xs if x is not None and x == x]
+    if not xs:
+        return float("nan"), float("nan")
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan")
+    return m, sd
+
+
+def summarize(rows: list[dict], tasks: list[str]) -> list[dict]:
+    """Mean and std over seeds per (variant, prune ratio), with compute relative to full-data training."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["label"], r["prune_ratio"]), []).append(r)
+    keys = (["heldout_loss", "em_mean", "bleu4_mean", "rougeL_mean"] + [f"em_{t}" for t in tasks]
+            + [f"bleu4_{t}" for t in tasks] + [f"rougeL_{t}" for t in tasks]
+            + ["samples_trained", "samples_scored", "flops", "wall_s", "epochs"] + [f"time_{k}" for k in TIME_PARTS[:-1]])
+    out = []
+    for (label, ratio), rs in groups.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        s = {"label": label, "method": rs[0]["method"], "ablation": rs[0]["ablation"], "prune_ratio": ratio,
+             "runs": len(rs), "ok": len(ok), "failed": [r["run"] for r in rs if r["status"] not in ("ok", "not run")]}
+        for k in keys:
+            s[k], s[k + "_std"] = _mean_std([r.get(k) for r in ok])
+        out.append(s)
+    full = [s for s in out if s["method"] == "full" and s["ok"]]
+    for s in out:
+        for k in ("flops", "wall_s"):
+            base = full[0][k] if full else float("nan")
+            s[k + "_vs_full"] = s[k] / base if base and base == base else float("nan")
+    return out
+
+
+def _cell(m: float, sd: float = float("nan"), fmt: str = "{:.3f}") -> str:
+    if m != m:
+        return "–"
+    return fmt.format(m) + ("" if sd != sd else " ± " + fmt.format(sd))
+
+
+def _sci(x: float) -> str:
+    return "–" if x != x else f"{x:.3g}"
+
+
+def full_curve(rows: list[dict]) -> list[dict]:
+    """Held-out loss and EM of the full-data runs at each evaluation, mean over seeds."""
+    by_step: dict[int, list[dict]] = {}
+    for r in rows:
+        if r["method"] == "full" and r["status"] == "ok":
+            for h in r["history"]:
+                by_step.setdefault(h["step"], []).append(h)
+    return [{"step": s, "epoch": _nanmean([h["epoch"] for h in hs]), "loss": _nanmean([h["loss"] for h in hs]),
+             "em_mean": _nanmean([h["em_mean"] for h in hs]), "seeds": len(hs)} for s, hs in sorted(by_step.items())]
+
+
+def plateau_epoch(curve: list[dict], tol: float = 0.01) -> float | None:
+    """First epoch from which the held-out loss stays within tol (relative) of its best."""
+    losses = [c["loss"] for c in curve if c["loss"] == c["loss"]]
+    if len(losses) < 2:
+        return None
+    best = min(losses)
+    for i, c in enumerate(curve):
+        if all(d["loss"] <= best * (1 + tol) for d in curve[i:] if d["loss"] == d["loss"]):
+            return c["epoch"]
+    return None
+
+
+def plateau_note(curve: list[dict]) -> str | None:
+    """Whether the epoch budget is past the point where full-data training stops improving."""
+    p = plateau_epoch(curve)
+    if p is None:
+        return None
+    if len(curve) > 1 and p >= curve[-1]["epoch"] - 1e-9:
+        return (f"Full-data held-out loss was still improving at the end of the budget ({curve[-1]['epoch']:.2f} "
+                "epochs): raise --epochs to compare where full-data training has stopped improving.")
+    return (f"Full-data held-out loss stays within 1% of its best from epoch {p:.2f} on "
+            f"(budget: {curve[-1]['epoch']:.2f} epochs).")
+
+
+def markdown(summary: list[dict], rows: list[dict], tasks: list[str], args, meta: dict) -> str:
+    lines = ["# OptBatch benchmark", "",
+             f"Command: `{meta['command']}`  ",
+             f"Machine: {meta['machine']}  ",
+             f"Data: {args.data or 'demo set'} (held-out: {args.eval_data or 'demo eval split'}); model: "
+             f"{args.model or 'built-in small Llama'}; budget: "
+             + (f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.epochs:g} epochs")
+             + f"; {args.nproc} rank(s); {meta['finished']}.", "",
+             "Mean ± std over seeds (std only with 2+ seeds). EM, BLEU-4 and ROUGE-L are in percent, their "
+             "unlabelled columns are the mean over tasks. FLOPs are the trainer's estimate (6·N per trained token "
+             "+ 2·N per scored token); wall s is the training steps' own time (start-up and evaluations "
+             "excluded); ×full is the mean relative to full-data training.", "",
+             "## Quality and compute", ""]
+    head = (["method", "α", "ok", "held-out loss", "EM"] + [f"EM {t}" for t in tasks]
+            + ["BLEU-4", "ROUGE-L", "samples trained", "FLOPs", "FLOPs ×full", "wall s", "wall ×full"])
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        cells = [s["label"], f"{s['prune_ratio']:.2f}", f"{s['ok']}/{s['runs']}",
+                 _cell(s["heldout_loss"], s["heldout_loss_std"], "{:.4f}"),
+                 _cell(s["em_mean"], s["em_mean_std"], "{:.1f}")]
+        cells += [_cell(s[f"em_{t}"], s[f"em_{t}_std"], "{:.1f}") for t in tasks]
+        cells += [_cell(s["bleu4_mean"], s["bleu4_mean_std"], "{:.1f}"), _cell(s["rougeL_mean"], s["rougeL_mean_std"], "{:.1f}"),
+                  _cell(s["samples_trained"], float("nan"), "{:.0f}"), _sci(s["flops"]),
+                  _cell(s["flops_vs_full"], fmt="{:.2f}"), _cell(s["wall_s"], s["wall_s_std"], "{:.1f}"),
+                  _cell(s["wall_s_vs_full"], fmt="{:.2f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Where the time goes (s per run, summed over steps, mean over seeds)", ""]
+    parts = list(TIME_PARTS[:-1])
+    lines += ["| method | α | " + " | ".join(parts) + " | total |", "|" + "---|" * (len(parts) + 3)]
+    for s in summary:
+        lines.append(f"| {s['label']} | {s['prune_ratio']:.2f} | "
+                     + " | ".join(_cell(s[f"time_{k}"], fmt="{:.2f}") for k in parts) + f" | {_cell(s['wall_s'], fmt='{:.2f}')} |")
+    curve = full_curve(rows)
+    if curve:
+        lines += ["", "## Full-data training on the held-out split (the epoch budget)", "",
+                  "| step | epoch | held-out loss | EM | seeds |", "|---|---|---|---|---|"]
+        lines += [f"| {c['step']} | {_cell(c['epoch'], fmt='{:.2f}')} | {_cell(c['loss'], fmt='{:.4f}')} | "
+                  f"{_cell(c['em_mean'], fmt='{:.1f}')} | {c['seeds']} |" for c in curve]
+        note = plateau_note(curve)
+        if note:
+            lines += ["", note]
+    failed = [r for r in rows if r["status"] not in ("ok", "not run")]
+    lines += ["", "## Failed runs", ""]
+    lines += [f"- {r['run']}: {r['status']} (see {os.path.join(r['run_dir'], 'failure.txt')})" for r in failed] or ["none"]
+    lines += ["", "## Plots", "", "![quality vs prune ratio](quality_vs_ratio.png)", "",
+              "![quality vs compute](quality_vs_time.png)", "", "![held-out curve](heldout_vs_epoch.png)", ""]
+    return "\n".join(lines)
+
+
+def _clean(x):
+    """NaN -> None so results.json is strict JSON."""
+    if isinstance(x, float) and (x != x or x in (math.inf, -math.inf)):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_clean(obj), f, indent=2)
+    os.replace(tmp, path)
+
+
+def write_csv(path: str, rows: list[dict], tasks: list[str]) -> None:
+    cols = ["run", "label", "method", "ablation", "prune_ratio", "seed", "status", "steps", "epochs",
+            "heldout_loss", "em_mean", "bleu4_mean", "rougeL_mean"]
+    cols += [f"{m}_{t}" for m in ("em", "bleu4", "rougeL", "loss") for t in tasks]
+    cols += ["samples_trained", "samples_scored", "tokens_trained", "flops", "wall_s"]
+    cols += [f"time_{k}" for k in TIME_PARTS[:-1]] + ["eval_s", "elapsed_s", "train_batch_size", "candidates", "run_dir"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if isinstance(v, float) and v != v else v) for k, v in r.items()})
+
+
+# ---------------------------------------------------------------------------- plot
+
+def _group_histories(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """(label, ratio) -> eval points averaged over seeds, matched by step."""
+    out: dict[tuple, dict[int, list[dict]]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            for h in r["history"]:
+                out.setdefault((r["label"], r["prune_ratio"]), {}).setdefault(h["step"], []).append(h)
+    return {g: [{k: _nanmean([h[k] for h in hs]) for k in ("epoch", "wall_s", "flops", "loss", "em_mean")}
+                for _, hs in sorted(by_step.items())] for g, by_step in out.items()}
+
+
+def plot(out_dir: str, summary: list[dict], rows: list[dict], epochs_budget: float | None) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(s["label"] for s in summary))
+    colors = {l: plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")(i % 20) for i, l in enumerate(labels)}
+    paths = []
+
+    # 1. quality against prune ratio, error bars = std over seeds
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, title in ((axes[0], "heldout_loss", "held-out loss (lower is better)"),
+                           (axes[1], "em_mean", "exact match, mean over tasks (%)")):
+        for label in labels:
+            pts = sorted((s["prune_ratio"], s[key], s[key + "_std"]) for s in summary
+                         if s["label"] == label and s[key] == s[key])
+            if not pts:
+                continue
+            x, y, e = zip(*pts)
+            e = [0.0 if v != v else v for v in e]
+            if label == "full":
+                ax.axhline(y[0], color=colors[label], ls="--", lw=1, label="full (α = 0)")
+                ax.axhspan(y[0] - e[0], y[0] + e[0], color=colors[label], alpha=0.12)
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=colors[label], label=None if label == "full" else label,
+                        ls="-" if len(x) > 1 else "none")
+        xs = [s["prune_ratio"] for s in summary] or [0.0]
+        ax.set_xlim(-0.03, max(xs) + 0.05)
+        ax.set_xlabel("prune ratio α")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    if any(ax.get_legend_handles_labels()[0] for ax in axes):
+        axes[1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "quality_vs_ratio.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    # 2. quality against compute: time to quality (wall) and FLOPs to quality
+    hist = _group_histories(rows)
+    ratios = sorted({g[1] for g in hist})
+    styles = {r: st for r, st in zip(ratios, ["-", "--", "-.", ":"] * 8)}
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for (label, ratio), pts in sorted(hist.items()):
+        for ax, xk, yk in ((axes[0, 0], "wall_s", "loss"), (axes[0, 1], "wall_s", "em_mean"),
+                           (axes[1, 0], "flops", "loss"), (axes[1, 1], "flops", "em_mean")):
+            ax.plot([p[xk] for p in pts], [p[yk] for p in pts], marker="o", ms=3, ls=styles[ratio],
+                    color=colors.get(label), label=f"{label} α={ratio:.2f}")
+    for ax, xl, yl in ((axes[0, 0], "training wall time (s)", "held-out loss"),
+                       (axes[0, 1], "training wall time (s)", "exact match (%)"),
+                       (axes[1, 0], "estimated FLOPs", "held-out loss"), (axes[1, 1], "estimated FLOPs", "exact match (%)")):
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+    if hist:
+        axes[0, 1].legend(fontsize=6, loc="best", ncol=2)
+    fig.suptitle("quality at equal compute (mean over seeds at each evaluation)")
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "quality_vs_time.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    # 3. held-out curves against epochs: where full-data training stops improving
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (label, ratio), pts in sorted(hist.items()):
+        full = label == "full"
+        for ax, yk in ((axes[0], "loss"), (axes[1], "em_mean")):
+            ax.plot([p["epoch"] for p in pts], [p[yk] for p in pts], marker="o", ms=3, ls=styles[ratio],
+                    lw=2.5 if full else 1, color="black" if full else colors.get(label),
+                    alpha=1 if full else 0.6, label=f"{label}" + ("" if full else f" α={ratio:.2f}"))
+    for ax, yl in ((axes[0], "held-out loss"), (axes[1], "exact match (%)")):
+        if epochs_budget:
+            ax.axvline(epochs_budget, color="grey", ls=":", lw=1)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+    if hist:
+        axes[1].legend(fontsize=6, loc="best", ncol=2)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "heldout_vs_epoch.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+# ---------------------------------------------------------------------------- report
+
+def _machine() -> str:
+    try:
+        import torch
+
+        dev = (f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
+               else "CPU only")
+        versions = f"torch {torch.__version__}"
+    except Exception:
+        dev, versions = "unknown device", ""
+    try:
+        from importlib.metadata import version
+
+        versions += f", deepspeed {version('deepspeed')}"
+    except Exception:
+        pass
+    return f"{platform.node()} ({platform.platform()}, {os.cpu_count()} CPU cores, {dev}; {versions})"
+
+
+def report(plan: list[RunSpec], args, argv: list[str]) -> tuple[list[dict], list[dict]]:
+    tasks_seen: set = set()
+    rows = [collect_run(r, tasks_seen) for r in plan]
+    tasks = sorted(tasks_seen)
+    for r in rows:  # every row has every task column, missing = NaN
+        for m in ("em", "bleu4", "rougeL", "loss"):
+            for t in tasks:
+                r.setdefault(f"{m}_{t}", float("nan"))
+        for k in ("heldout_loss", "em_mean", "bleu4_mean", "rougeL_mean"):
+            r.setdefault(k, float("nan"))
+    summary = summarize(rows, tasks)
+    meta = {"command": "python launch/bench.py " + shlex.join(argv), "machine": _machine(),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    write_csv(os.path.join(args.out, "results.csv"), rows, tasks)
+    curve = full_curve(rows)
+    _write_json(os.path.join(args.out, "results.json"),
+                {"meta": meta, "args": {k: v for k, v in vars(args).items()}, "tasks": tasks, "summary": summary,
+                 "runs": rows, "full_curve": curve, "full_plateau_epoch": plateau_epoch(curve)})
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(markdown(summary, rows, tasks, args, meta))
+    plot(args.out, summary, rows, None if args.max_steps > 0 else args.epochs)
+    return rows, summary
+
+
+# ---------------------------------------------------------------------------- command line
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="launch/bench.py", allow_abbrev=False,
+                description="Benchmark grid: methods x prune ratios x seeds through the real trainer and launcher. "
+                            "Arguments after `--` go to launch/train.py unchanged.")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="Comma-separated methods; an ablation is method:key=value[,key=value] applied to the "
+                        f"\"optbatch\" section (e.g. optbatch:strata=1). Default: {DEFAULT_METHODS}.")
+    p.add_argument("--ratios", default=DEFAULT_RATIOS, help=f"Prune ratios (full ignores them). Default: {DEFAULT_RATIOS}.")
+    p.add_argument("--seeds", type=int, default=3, help="Seeds per cell: first-seed .. first-seed + seeds - 1.")
+    p.add_argument("--first-seed", type=int, default=0, help="The first seed.")
+    p.add_argument("--ablations", action="store_true",
+                   help="Add the OptBatch ablations " + ", ".join(ABLATIONS) + " at --ablation-ratio.")
+    p.add_argument("--ablation-ratio", type=float, default=0.3, help="Prune ratio of the --ablations runs.")
+    p.add_argument("--data", default=None, help="Training data (as train.py --data); default: demo set.")
+    p.add_argument("--eval-data", default=None, help="Held-out data (required with --data).")
+    p.add_argument("--model", default=None, help="Model (as train.py --model); default: built-in small Llama.")
+    p.add_argument("--deepspeed", default="ds_configs/zero3.json", help="Base DeepSpeed JSON.")
+    p.add_argument("--nproc", "--num-gpus", dest="nproc", type=int, default=2,
+                   help="Ranks per run (deepspeed --num_gpus); 1 runs `python launch/train.py` without the launcher.")
+    p.add_argument("--launcher-args", default="", help="Extra deepspeed launcher arguments, e.g. '--hostfile hosts'.")
+    p.add_argument("--epochs", type=float, default=3.0,
+                   help="Epoch budget of every run (check on heldout_vs_epoch.png that full training has plateaued).")
+    p.add_argument("--max-steps", type=int, default=-1, help="Step budget instead of epochs (-1: use --epochs).")
+    p.add_argument("--eval-every", type=int, default=-1,
+                   help="Evaluate every N steps in every run (-1: 4 evaluations per run; 0: only at the end).")
+    p.add_argument("--eval-samples-per-task", type=int, default=None,
+                   help="Cap on held-out samples per task for generation metrics (train.py's default: all).")
+    p.add_argument("--out", default="bench_out", help="Output folder (resumable).")
+    p.add_argument("--dry-run", action="store_true", help="Print the plan and exit.")
+    p.add_argument("--timeout-per-run", type=float, default=0, help="Seconds before a run is stopped (0: none).")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="Keep each finished run's checkpoints/ (deleted by default: the benchmark only needs metrics).")
+    return p
+
+
+def parse_args(argv: list[str]):
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    else:
+        extra = []
+    parser = build_arg_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        first = unknown[0].split("=")[0]
+        raise ConfigError(f"unknown flag '{first}'{_nearest(first, parser._option_string_actions)} "
+                          "(flags for train.py go after `--`)")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds}: need at least 1")
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: need at least 1 rank")
+    if args.max_steps <= 0 and args.epochs <= 0:
+        raise ConfigError("--epochs must be > 0 (or give --max-steps)")
+    if args.data is not None and args.eval_data is None:
+        raise ConfigError("--data without --eval-data: the benchmark compares held-out quality; give --eval-data")
+    args.out = os.path.abspath(args.out)
+    args.data, args.eval_data, args.model = map(_abs_if_local, (args.data, args.eval_data, args.model))
+    return args, extra
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extra = parse_args(argv)
+    variants = parse_variants(args.methods, args.ablations)
+    ratios = parse_ratios(args.ratios)
+    if not 0.0 < args.ablation_ratio < 1.0:
+        raise ConfigError(f"--ablation-ratio {args.ablation_ratio} is outside (0, 1)")
+    base = load_json_config(args.deepspeed)
+    n_train = count_train_samples(args)
+    plan = make_plan(args, variants, ratios, base, n_train)  # every run validated before any starts
+    scale = _calibration(plan)
+    for r in plan:
+        r.est_s = estimate_seconds(r, scale)
+    print_plan(plan, scale, args, n_train)
+    if args.dry_run:
+        return 0
+
+    os.makedirs(args.out, exist_ok=True)
+    for variant, _ in variants:
+        if variant.overrides:
+            path = os.path.join(args.out, "ds_configs", variant.slug + ".json")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(derived_config(base, variant), f, indent=2)
+    _write_json(os.path.join(args.out, "plan.json"),
+                {"argv": argv, "runs": [{**asdict(r), "variant": r.label} for r in plan]})
+
+    todo = [r for r in plan if not os.path.exists(os.path.join(r.dir, "eval.json"))]
+    print(f"\n{len(plan) - len(todo)} finished run(s) skipped, {len(todo)} to run", flush=True)
+    failed = []
+    t_start = time.time()
+    for i, run in enumerate(todo, 1):
+        cmd = build_command(run, args, extra)
+        try:
+            st = execute(run, cmd, args.timeout_per_run, args.nproc)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted during {run.name} (stopped); rerun the same command to resume the grid", flush=True)
+            return 130
+        if st["status"] == "ok" and not args.keep_checkpoints:
+            _remove_checkpoints(run)
+        row = collect_run(run, set())
+        done_s = time.time() - t_start
+        left = todo[i:]
+        scale = _calibration(plan)
+        eta = sum(estimate_seconds(r, scale) for r in left)
+        if st["status"] == "ok":
+            print(f"[{i}/{len(todo)}] {run.name} | ok | loss {row['heldout_loss']:.4f} | EM {row['em_mean']:.1f} | "
+                  f"BLEU-4 {row['bleu4_mean']:.1f} | trained {row['samples_trained']} | FLOPs {row['flops']:.3g} | "
+                  f"train {row['wall_s']:.1f}s of {st['elapsed_s']:.0f}s | elapsed {_fmt_s(done_s)} | ETA {_fmt_s(eta)}",
+                  flush=True)
+        else:
+            failed.append(run.name)
+            rc_note = "" if st["status"] == "timeout" else f" (rc {st['returncode']})"
+            print(f"[{i}/{len(todo)}] {run.name} | {st['status'].upper()}{rc_note} after "
+                  f"{st['elapsed_s']:.0f}s | see {os.path.join(run.dir, 'failure.txt')} | ETA {_fmt_s(eta)}", flush=True)
+            tail = [l for l in st.get("log_tail", []) if l.strip()]
+            # the trainer's own message ("error: ...", an exception) beats the launcher's kill notices
+            cause = [l for l in tail if re.match(r"\s*(error\b|\w*(Error|Exception)\b)", l)] or tail
+            for line in cause[-3:]:
+                print("      " + line.strip()[:200], flush=True)
+    rows, summary = report(plan, args, argv)
+    bad = [r["run"] for r in rows if r["status"] != "ok"]
+    print(f"\nbench | {len(rows) - len(bad)}/{len(rows)} runs ok | results in {args.out}/results.md, results.csv, "
+          f"results.json, quality_vs_ratio.png, quality_vs_time.png, heldout_vs_epoch.png", flush=True)
+    note = plateau_note(full_curve(rows))
+    if note:
+        print(note, flush=True)
+    if bad:
+        print("failed: " + ", ".join(bad) + " (each run dir holds failure.txt with the last "
+              f"{FAILED_TAIL_LINES} log lines; rerun the same command to retry them)", flush=True)
+        return 1
+    return 0
