@@ -96,7 +96,7 @@ def score_candidates(engine, batch_items: list, pad_id: int, ob, inv_sqrt_v, pro
             batch = collate(batch_items[s:s + batch_size], pad_id, engine.device)
             tokens += int(batch["attention_mask"].sum())
             t0 = time.perf_counter()
-            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             t1 = time.perf_counter()
             timers["score_forward"] += t1 - t0
             if not ob.needs_features:
@@ -116,6 +116,44 @@ def score_candidates(engine, batch_items: list, pad_id: int, ob, inv_sqrt_v, pro
         if was_training:
             model.train()
     return torch.cat(losses), (torch.cat(feats) if feats else None), tokens
+
+
+def sketch_projection(module, ob):
+    """R of DESIGN §2 for this model's feature size (vocab rows, or hidden size for the "hidden" ablation);
+    None when the method needs no features or sketch_dim does not reduce them. Shared by every entry point."""
+    from optbatch_ds.scoring import SketchProjection
+
+    weight = module.get_output_embeddings().weight
+    feat_in = module.config.hidden_size if ob.feature == "hidden" else (getattr(weight, "ds_shape", None) or weight.shape)[0]
+    return (SketchProjection(feat_in, ob.sketch_dim, seed=ob.seed)
+            if ob.needs_features and 0 < ob.sketch_dim < feat_in else None)
+
+
+def train_on(engine, encoded: list, ids: list, weights: torch.Tensor, pad_id: int, micro: int, accum: int,
+             world: int, step: int, last_ckpt: str | None = None) -> tuple[float, int]:
+    """Step 6: forward, backward and optimizer step on this rank's share `ids`, micro-batch by micro-batch.
+    Returns (sum of per-sample losses, trained tokens). Raises NonFiniteLossError on every rank together."""
+    loss_sum, train_tokens = 0.0, 0
+    for m in range(accum):
+        mids = ids[m * micro:(m + 1) * micro]
+        batch = collate([encoded[i] for i in mids], pad_id, engine.device)
+        train_tokens += int(batch["attention_mask"].sum())
+        outp = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        per = per_sample_nll(outp.logits, batch["labels"])
+        loss = (per * weights[m * micro:(m + 1) * micro].to(per.device)).mean()
+        # every rank must stop together, or the others would hang in the next collective
+        flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=comm.comm_device())
+        if world > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if float(flag.item()) > 0:
+            bad_ids = comm.all_gather_objects([i for i, l in zip(mids, per.tolist()) if not math.isfinite(l)])
+            raise NonFiniteLossError(
+                f"non-finite training loss at step {step} (samples {sorted(sum(bad_ids, []))}); "
+                f"last good checkpoint: {last_ckpt or 'none'}")
+        engine.backward(loss)
+        engine.step()
+        loss_sum += float(per.detach().sum())
+    return loss_sum, train_tokens
 
 
 # ---------------------------------------------------------------------------- setup helpers
@@ -148,6 +186,17 @@ def _prepare_data_and_model(run: RunConfig, rank: int, local_rank: int, out: str
     return dict(examples=examples, eval_examples=eval_examples, encoded=encoded, eval_encoded=eval_encoded,
                 pool=pool, tokenizer=tokenizer, model_path=model_path, report=report, train_spec=train_spec,
                 eval_spec=eval_spec, check_vocab=check_vocab)
+
+
+def prepare_data_and_model(run: RunConfig, rank: int, local_rank: int, out: str) -> dict:
+    """`_prepare_data_and_model` on every rank, local rank 0 of each node first (it builds the default model
+    and the demo data into the cache; the others wait, then read it). Collective."""
+    if local_rank == 0:
+        prep = _prepare_data_and_model(run, rank, local_rank, out)
+    comm.barrier()
+    if local_rank != 0:
+        prep = _prepare_data_and_model(run, rank, local_rank, out)
+    return prep
 
 
 def _ensure_demo_data(target: str) -> dict:
@@ -199,7 +248,7 @@ def train(run: RunConfig, rank: int, world: int, local_rank: int) -> dict | None
     from optbatch_ds.data import EpochSampler
     from optbatch_ds.evaluate import evaluate, format_table
     from optbatch_ds.modeling import load_model
-    from optbatch_ds.scoring import SketchProjection, curvature_inv_sqrt
+    from optbatch_ds.scoring import curvature_inv_sqrt
     from optbatch_ds.selection import Selector, mean_nn_distance
 
     out = os.path.abspath(run.output_dir)
@@ -209,11 +258,7 @@ def train(run: RunConfig, rank: int, world: int, local_rank: int) -> dict | None
     np.random.seed(run.seed)
 
     # --- setup: data, model, config
-    if local_rank == 0:  # one builder per node; the rest wait, then read the cache
-        prep = _prepare_data_and_model(run, rank, local_rank, out)
-    comm.barrier()
-    if local_rank != 0:
-        prep = _prepare_data_and_model(run, rank, local_rank, out)
+    prep = prepare_data_and_model(run, rank, local_rank, out)
     accel = get_accelerator()
     rs: Resolved = resolve(run, world, accelerator=accel.device_name(),
                            bf16_supported=bool(getattr(accel, "is_bf16_supported", lambda: False)()),
@@ -234,11 +279,7 @@ def train(run: RunConfig, rank: int, world: int, local_rank: int) -> dict | None
                                            config=rs.ds)
     n_params = _param_count(engine.module)
     stage3 = rs.ds.get("zero_optimization", {}).get("stage", 0) == 3
-    vocab = engine.module.get_output_embeddings().weight
-    vocab_rows = (getattr(vocab, "ds_shape", None) or vocab.shape)[0]
-    feat_in = engine.module.config.hidden_size if ob.feature == "hidden" else vocab_rows
-    projection = (SketchProjection(feat_in, ob.sketch_dim, seed=ob.seed)
-                  if ob.needs_features and 0 < ob.sketch_dim < feat_in else None)
+    projection = sketch_projection(engine.module, ob)
     sampler = EpochSampler(len(prep["pool"]), seed=run.seed)
     selector = Selector(ob.selection_config())
     score_bs = ob.score_batch_size or 2 * rs.micro_batch_size
@@ -374,27 +415,8 @@ def train(run: RunConfig, rank: int, world: int, local_rank: int) -> dict | None
             t0 = time.perf_counter()
             my_sel = selected[rank * bpr:(rank + 1) * bpr]
             my_w = weights[rank * bpr:(rank + 1) * bpr]
-            loss_sum, train_tokens = 0.0, 0
-            for m in range(rs.grad_accum):
-                ids = my_sel[m * rs.micro_batch_size:(m + 1) * rs.micro_batch_size]
-                batch = collate([prep["encoded"][i] for i in ids], tok.pad_token_id, engine.device)
-                train_tokens += int(batch["attention_mask"].sum())
-                outp = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                per = per_sample_nll(outp.logits, batch["labels"])
-                w = my_w[m * rs.micro_batch_size:(m + 1) * rs.micro_batch_size].to(per.device)
-                loss = (per * w).mean()
-                # every rank must stop together, or the others would hang in the next collective
-                flag = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=comm.comm_device())
-                if world > 1:
-                    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                if float(flag.item()) > 0:
-                    bad_ids = comm.all_gather_objects([i for i, l in zip(ids, per.tolist()) if not math.isfinite(l)])
-                    raise NonFiniteLossError(
-                        f"non-finite training loss at step {step} (samples {sorted(sum(bad_ids, []))}); "
-                        f"last good checkpoint: {last_ckpt or 'none'}")
-                engine.backward(loss)
-                engine.step()
-                loss_sum += float(per.detach().sum())
+            loss_sum, train_tokens = train_on(engine, prep["encoded"], my_sel, my_w, tok.pad_token_id,
+                                              rs.micro_batch_size, rs.grad_accum, world, step, last_ckpt)
             timers["train"] = time.perf_counter() - t0
             # reduce the step's counters (and the preemption flag) across ranks in one collective
             stats = torch.tensor([loss_sum, float(train_tokens), float(score_tokens), 1.0 if preempt.requested else 0.0],

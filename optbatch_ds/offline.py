@@ -1,0 +1,456 @@
+"""Offline OptBatch selection: score a whole dataset with a model, keep what the selector keeps, write it out.
+
+For users who train elsewhere. Run as:
+    python launch/select.py --deepspeed ds_configs/zero3.json --data train.jsonl --output kept.jsonl
+    deepspeed --num_gpus 2 launch/select.py --deepspeed ds_configs/zero3.json --data F --output OUT --warmup-steps 50
+
+The recipe, on every rank unless said otherwise:
+  1. data, tokenizer and model exactly as launch/train.py resolves them (`trainer._prepare_data_and_model`:
+     no --model builds the small default model, no --data generates the demo set);
+  2. optional warm-up (--warmup-steps N): the first N steps of `launch/train.py --method random` through
+     DeepSpeed (same sampler, selector, LR schedule and loss), so Adam's second moment exists for the
+     curvature features; without it the features use the raw output-layer gradient (v = 1), as the
+     trainer's first step does;
+  3. the usable samples, in the seeded epoch-0 order of `EpochSampler(n, seed)`, are cut into pools of
+     c = candidates per step; each rank scores its slice of a pool with `trainer.score_candidates`, rank 0
+     gathers (loss, sketch) and runs the same `Selector` as the trainer (the "optbatch" section: method,
+     strata, temperature, ...) with budget b = train_batch_size, selector step = pool id + 1;
+     the last pool, of r < c samples, gets budget round(r * (1 - prune_ratio)) (Python's round, half to
+     even) and at most r strata;
+  4. rank 0 writes the kept ORIGINAL records, in input order, in the input's own format (.jsonl lines and
+     .json array elements byte for byte as they were, .parquet rows via pyarrow; a `datasets` name or a
+     folder of mixed files gives .jsonl), plus `<output stem>.selection.jsonl`, one line per input record:
+     {"index", "source", "pool", "loss", "stratum", "selected"} (+ "skipped": kind for a record skipped as
+     bad, + "weight" for infobatch), and `<output stem>.selection.summary.json` (counts, budgets, skipped
+     records, timings). Skipped records are counted there and on stderr, never dropped silently.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from optbatch_ds import comm
+from optbatch_ds.config import ConfigError, RunConfig, _nearest, _Parser, resolve
+
+SUFFIXES = (".jsonl", ".json", ".parquet")
+# Flags shared with launch/train.py (same names, same help text).
+_SHARED = ("deepspeed", "model", "data", "data_format", "max_seq_len", "seed", "method", "prune_ratio",
+           "on_bad_record", "trust_remote_code", "learning_rate", "collective_timeout")
+
+
+# ---------------------------------------------------------------------------- command line
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = _Parser(description="Score a dataset with a model and write the part OptBatch keeps (offline pruning).",
+                allow_abbrev=False)
+    by_name = {f.name: f for f in fields(RunConfig)}
+    for name in _SHARED:
+        f = by_name[name]
+        kw = {"help": f.metadata["help"], "default": None, "dest": name}
+        if str(f.type) == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        p.add_argument("--" + name.replace("_", "-"), **kw)
+    p.add_argument("--output", required=True, help="The kept records: a file with the input's extension "
+                   "(.jsonl for the demo data, a datasets name or a folder of mixed files).")
+    p.add_argument("--warmup-steps", type=int, default=0, dest="warmup_steps",
+                   help="Train this many steps of the normal recipe with method=random first (Adam state for "
+                        "the curvature features); 0 scores the model as it is.")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, dest="local_rank",
+                   help="Set by the deepspeed launcher; ignored otherwise.")
+    return p
+
+
+def parse_args(argv=None) -> tuple[RunConfig, str, int]:
+    parser = build_arg_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        first = unknown[0].split("=")[0]
+        raise ConfigError(f"unknown flag '{first}'{_nearest(first, list(parser._option_string_actions))}")
+    values = {k: getattr(args, k) for k in _SHARED if getattr(args, k) is not None}
+    run = RunConfig(**values)
+    if run.on_bad_record not in ("error", "skip"):
+        raise ConfigError(f"--on-bad-record must be 'error' or 'skip', got '{run.on_bad_record}'")
+    if run.max_seq_len < 8:
+        raise ConfigError(f"--max-seq-len {run.max_seq_len} is too small (at least 8)")
+    if args.warmup_steps < 0:
+        raise ConfigError(f"--warmup-steps {args.warmup_steps} must be >= 0")
+    want = output_suffix(run.data)
+    if not args.output.endswith(want):
+        raise ConfigError(f"--output {args.output}: the kept records are written in the input's own format, "
+                          f"so name the output *{want}")
+    return run, args.output, args.warmup_steps
+
+
+def output_suffix(data: str | None) -> str:
+    """The extension of the kept file: the input's, or .jsonl (demo data, datasets name, mixed folder)."""
+    from optbatch_ds.data.readers import data_files_in
+
+    if data is None or not os.path.exists(data):
+        return ".jsonl"
+    if os.path.isdir(data):
+        kinds = {os.path.splitext(p)[1] for p in data_files_in(data)}
+        return kinds.pop() if len(kinds) == 1 else ".jsonl"
+    ext = os.path.splitext(data)[1]
+    return ext if ext in SUFFIXES else ".jsonl"
+
+
+def sidecar_paths(output: str) -> tuple[str, str]:
+    stem = output[:-len(next(s for s in SUFFIXES if output.endswith(s)))]
+    return stem + ".selection.jsonl", stem + ".selection.summary.json"
+
+
+# ---------------------------------------------------------------------------- the original records
+
+@dataclass
+class _Raw:
+    source: str     # as the data layer names it ("path:LINE", "path:record N", "name[split]:record N")
+    value: object   # the parsed record, or None when it could not be read
+    raw: object     # jsonl: the line's bytes; json: the element's text; parquet: row number; datasets: the record
+    raw_end: int = 0  # json: where the element's text ends in the file
+
+
+def _raw_jsonl(path: str) -> list[_Raw]:
+    out = []
+    with open(path, "rb") as f:  # same line numbering and blank-line rule as readers._iter_jsonl
+        for lineno, line in enumerate(f, start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                out.append(_Raw(f"{path}:{lineno}", None, line))
+                continue
+            if not text.strip():
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = None
+            out.append(_Raw(f"{path}:{lineno}", value, line))
+    return out
+
+
+def _raw_json_array(path: str) -> list[_Raw]:
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8")  # load_examples accepted the file, so it is a valid array
+    decoder, ws, out = json.JSONDecoder(), " \t\r\n", []
+    i, line, counted = text.index("[") + 1, 1, 0
+    while True:
+        while text[i] in ws:
+            i += 1
+        if text[i] == "]":
+            return out
+        value, end = decoder.raw_decode(text, i)
+        line += text.count("\n", counted, i)
+        counted = i
+        # keep the indentation of an element that starts its own line, so the output looks like the input
+        start = text.rfind("\n", 0, i) + 1
+        start = start if start > (out[-1].raw_end if out else 0) and not text[start:i].strip() else i
+        out.append(_Raw(f"{path}:{line}", value, text[start:end]))
+        out[-1].raw_end = end
+        i = end
+        while text[i] in ws:
+            i += 1
+        i += 1 if text[i] == "," else 0
+
+
+def _raw_parquet(path: str) -> list[_Raw]:
+    import datasets
+
+    ds = datasets.Dataset.from_parquet(path)  # the reader the data layer uses, so values match
+    return [_Raw(f"{path}:record {i + 1}", rec, i) for i, rec in enumerate(ds)]
+
+
+def _raw_files(spec: str) -> list[tuple[str, list[_Raw]]]:
+    """(file or dataset name, its records in order) for a file, folder or `datasets` name, as load_examples reads it."""
+    from optbatch_ds.data.readers import data_files_in
+
+    if os.path.isdir(spec) or os.path.isfile(spec):
+        paths = data_files_in(spec) if os.path.isdir(spec) else [spec]
+        readers = {".jsonl": _raw_jsonl, ".json": _raw_json_array, ".parquet": _raw_parquet}
+        return [(p, readers[os.path.splitext(p)[1]](p)) for p in paths]
+    import datasets
+
+    ds = datasets.load_dataset(spec, split="train")
+    return [(spec, [_Raw(f"{spec}[train]:record {i + 1}", rec, rec) for i, rec in enumerate(ds)])]
+
+
+def _match_examples(files, examples, data_format: str) -> list[tuple[int, int]]:
+    """(file, record) of every Example: the records that parse, in order (the data layer's own rule)."""
+    from optbatch_ds.data import DataError, detect_format, parse_record
+
+    good = []
+    for fi, (_, records) in enumerate(files):
+        fmt = data_format if data_format != "auto" else next(
+            (detect_format(r.value) for r in records if isinstance(r.value, dict) and detect_format(r.value)), None)
+        for ri, r in enumerate(records):
+            if fmt is None or r.value is None:
+                continue
+            try:
+                parse_record(r.value, fmt, r.source)
+            except DataError:
+                continue
+            good.append((fi, ri))
+    bad = len(good) != len(examples) or any(files[fi][1][ri].source != ex.source
+                                            for (fi, ri), ex in zip(good, examples))
+    if bad:
+        raise RuntimeError("could not map the loaded examples back to the input's records "
+                           "(did the input change while selecting?)")
+    return good
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_kept(files, kept: list[tuple[int, int]], output: str) -> None:
+    """The kept records, in input order, in the output's format (see the module docstring)."""
+    if output.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tables = []
+        for fi, (path, records) in enumerate(files):
+            rows = [records[ri].raw for f, ri in kept if f == fi]
+            tables.append(pq.read_table(path).take(rows))
+        table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+        tmp = f"{output}.tmp{os.getpid()}"
+        pq.write_table(table, tmp)
+        os.replace(tmp, output)
+        return
+    chunks = []
+    for fi, ri in kept:
+        r = files[fi][1][ri]
+        if output.endswith(".json"):
+            chunks.append(r.raw.encode("utf-8"))
+        elif isinstance(r.raw, bytes):  # a .jsonl line, byte for byte
+            chunks.append(r.raw if r.raw.endswith(b"\n") else r.raw + b"\n")
+        else:  # a record from a datasets name, a .json array or parquet in a mixed folder
+            chunks.append((json.dumps(r.value, ensure_ascii=False, default=str) + "\n").encode("utf-8"))
+    if output.endswith(".json"):
+        _write_atomic(output, b"[\n" + b",\n".join(chunks) + b"\n]\n")
+    else:
+        _write_atomic(output, b"".join(chunks))
+
+
+# ---------------------------------------------------------------------------- warm-up and selection
+
+def _warm_up(engine, prep, rs, steps: int, seed: int, rank: int, world: int) -> float:
+    """The first `steps` steps of `launch/train.py --method random`; returns the last step's loss.
+
+    The random choice is a pure function of (selector seed, step), so every rank computes it instead of
+    receiving it from rank 0: the same indices the trainer would broadcast."""
+    from optbatch_ds.data import EpochSampler
+    from optbatch_ds.selection import SelectionConfig, Selector
+    from optbatch_ds.trainer import train_on
+
+    pool, c, b = prep["pool"], rs.candidates, rs.train_batch_size
+    sampler = EpochSampler(len(pool), seed=seed)
+    selector = Selector(SelectionConfig(method="random" if c > b else "full", seed=rs.optbatch.seed))
+    bpr, pad = rs.batch_per_rank, prep["tokenizer"].pad_token_id
+    engine.train()
+    loss_sum, mine = 0.0, []
+    for step in range(1, steps + 1):
+        cand = [pool[p] for p in sampler.draw(c)]
+        selected = [cand[p] for p in selector(step, torch.zeros(c), None, b).indices.tolist()]
+        mine = selected[rank * bpr:(rank + 1) * bpr]
+        loss_sum, _ = train_on(engine, prep["encoded"], mine, torch.ones(len(mine)), pad, rs.micro_batch_size,
+                               rs.grad_accum, world, step)
+    return loss_sum / max(len(mine), 1)
+
+
+def _select_pool(selector, cfg, pool_id: int, losses, sketches, budget: int):
+    """Rank 0: (positions kept, weights, info, stratum of each candidate or None) for one pool."""
+    from optbatch_ds.selection import Selector
+    from optbatch_ds.selection.strata import loss_strata
+
+    n = losses.numel()
+    finite = torch.isfinite(losses)
+    if sketches is not None:
+        finite &= torch.isfinite(sketches).all(1)
+    strata = [None] * n
+    if cfg.method in ("optbatch", "ccs") and bool(finite.any()):
+        k = min(cfg.strata, int(finite.sum()))
+        if k != cfg.strata:  # the last, partial pool may hold fewer candidates than strata
+            selector = Selector(dataclasses.replace(cfg, strata=k))
+        valid = torch.nonzero(finite).flatten()
+        for s, members in enumerate(loss_strata(losses.to(torch.float64)[valid], k)):  # as select() cuts them
+            for m in valid[members].tolist():
+                strata[m] = s
+    if budget == 0:
+        return [], [], {}, strata
+    result = selector(pool_id + 1, losses, sketches, budget)
+    return result.indices.tolist(), result.weights.tolist(), result.info, strata
+
+
+def select_dataset(run: RunConfig, output: str, warmup_steps: int, rank: int, world: int,
+                   local_rank: int) -> dict | None:
+    """The whole offline recipe (module docstring); returns the summary on rank 0, None elsewhere."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from optbatch_ds.data import EpochSampler
+    from optbatch_ds.modeling import load_model
+    from optbatch_ds.scoring import curvature_inv_sqrt
+    from optbatch_ds.selection import Selector
+    from optbatch_ds.trainer import log0, prepare_data_and_model, score_candidates, sketch_projection
+
+    output = os.path.abspath(output)
+    times = dict.fromkeys(("setup", "warmup", "curvature", "score_forward", "features", "gather", "select",
+                           "write"), 0.0)
+    t0 = time.perf_counter()
+    torch.manual_seed(run.seed)
+    random.seed(run.seed)
+    np.random.seed(run.seed)
+    prep = prepare_data_and_model(run, rank, local_rank, output)
+    pool, tok, report = prep["pool"], prep["tokenizer"], prep["report"]
+    if warmup_steps == 0:
+        run = dataclasses.replace(run, max_steps=1)  # nothing is trained: the LR schedule is moot
+    accel = get_accelerator()
+    rs = resolve(run, world, accelerator=accel.device_name(),
+                 bf16_supported=bool(getattr(accel, "is_bf16_supported", lambda: False)()),
+                 num_train_samples=len(pool))
+    ob, c, b = rs.optbatch, rs.candidates, rs.train_batch_size
+    model, _keep_alive = load_model(prep["model_path"], rs.ds, run.trust_remote_code)
+    prep["check_vocab"](tok, model, prep["model_path"])
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                          if p.requires_grad], config=rs.ds)
+    times["setup"] = time.perf_counter() - t0
+    log0(f"optbatch_ds select | world {world} | model {prep['model_path']} | {len(pool)} samples | method "
+         f"{ob.method} | prune {ob.prune_ratio} | b {b} of c {c} per pool | warm-up {warmup_steps} steps")
+
+    warm_loss = None
+    if warmup_steps:
+        t0 = time.perf_counter()
+        warm_loss = _warm_up(engine, prep, rs, warmup_steps, run.seed, rank, world)
+        times["warmup"] = time.perf_counter() - t0
+        log0(f"warm-up | {warmup_steps} steps | last loss {warm_loss:.4f} | {times['warmup']:.1f}s")
+
+    # --- score pool by pool; rank 0 selects as the trainer would
+    t0 = time.perf_counter()
+    inv_sqrt_v = (curvature_inv_sqrt(engine, ob.eps)
+                  if ob.needs_features and ob.feature == "grad_curvature" else None)
+    times["curvature"] = time.perf_counter() - t0
+    projection = sketch_projection(engine.module, ob)
+    selector, cfg = Selector(ob.selection_config()), ob.selection_config()
+    score_bs = ob.score_batch_size or 2 * rs.micro_batch_size
+    order = EpochSampler(len(pool), seed=run.seed).permutation(0).tolist()
+    pools = [order[s:s + c] for s in range(0, len(order), c)]
+    per_example: dict[int, dict] = {}  # example index -> sidecar fields (rank 0)
+    pool_info = []
+    progress = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(pools), desc="select", dynamic_ncols=True, mininterval=1.0)
+    for pid, positions in enumerate(pools):
+        n = len(positions)
+        per = -(-n // world)  # equal slices on every rank (ZeRO-3 forwards are collective): pad with a repeat
+        padded = positions + [positions[0]] * (per * world - n)
+        mine = padded[rank * per:(rank + 1) * per]
+        losses, sketches, _ = score_candidates(engine, [prep["encoded"][pool[p]] for p in mine],
+                                               tok.pad_token_id, ob, inv_sqrt_v, projection, score_bs, times)
+        t0 = time.perf_counter()
+        all_losses = comm.gather_to_rank0(losses)
+        all_sketches = comm.gather_to_rank0(sketches) if sketches is not None else None
+        times["gather"] += time.perf_counter() - t0
+        if rank != 0:
+            continue
+        t0 = time.perf_counter()
+        all_losses = all_losses[:n]
+        all_sketches = all_sketches[:n] if all_sketches is not None else None
+        budget = b if n == c else round(n * (1.0 - ob.prune_ratio))
+        kept, weights, info, strata = _select_pool(selector, cfg, pid, all_losses, all_sketches, budget)
+        times["select"] += time.perf_counter() - t0
+        weight_of = dict(zip(kept, weights))
+        for j, p in enumerate(positions):
+            line = {"pool": pid, "loss": float(all_losses[j]), "stratum": strata[j], "selected": j in weight_of}
+            if ob.method == "infobatch" and j in weight_of:
+                line["weight"] = round(float(weight_of[j]), 6)
+            per_example[pool[p]] = line
+        pool_info.append({"pool": pid, "candidates": n, "budget": budget,
+                          **{k: info[k] for k in ("quotas", "mean_loss_candidates", "mean_loss_selected")
+                             if k in info}})
+        progress.update(1)
+    if progress is not None:
+        progress.close()
+
+    summary = None
+    if rank == 0:
+        t0 = time.perf_counter()
+        summary = _write_all(run, output, prep, per_example, pool_info, report, ob, c, b, warmup_steps,
+                             warm_loss, world, times)
+        print(f"select | kept {summary['kept']} of {summary['records']} records "
+              f"({summary['scored']} scored, {summary['skipped']} skipped as bad"
+              + (f": {summary['skipped_by_problem']}" if summary["skipped"] else "")
+              + f") -> {output}", file=sys.stderr, flush=True)
+    comm.barrier()
+    return summary
+
+
+def _write_all(run, output, prep, per_example, pool_info, report, ob, c, b, warmup_steps, warm_loss, world,
+               times) -> dict:
+    t0 = time.perf_counter()
+    files = _raw_files(prep["train_spec"])
+    matched = _match_examples(files, prep["examples"], run.data_format)
+    example_of = {loc: k for k, loc in enumerate(matched)}
+    skipped_kinds: dict[str, list[str]] = {}
+    for s in report.skipped:
+        skipped_kinds.setdefault(s["source"], []).append(s["kind"])
+    sidecar, summary_path = sidecar_paths(output)
+    lines, kept, index = [], [], 0
+    for fi, (_, records) in enumerate(files):
+        for ri, r in enumerate(records):
+            k = example_of.get((fi, ri))
+            line = {"index": index, "source": r.source}
+            if k is not None and k in per_example:
+                line.update(per_example[k])
+                if line["selected"]:
+                    kept.append((fi, ri))
+            else:  # skipped as bad (unparseable, or no supervised token left): listed, never selected
+                kinds = skipped_kinds.get(r.source) or ["skipped"]
+                line.update(pool=None, loss=None, stratum=None, selected=False,
+                            skipped=kinds.pop(0) if len(kinds) > 1 else kinds[0])
+            lines.append(json.dumps(line))
+            index += 1
+    write_kept(files, kept, output)
+    _write_atomic(sidecar, ("\n".join(lines) + "\n").encode("utf-8"))
+    times["write"] = time.perf_counter() - t0
+    full = [p for p in pool_info if p["candidates"] == c]
+    last = pool_info[-1] if pool_info and pool_info[-1]["candidates"] != c else None
+    summary = {
+        "input": prep["train_spec"], "output": output, "sidecar": sidecar, "model": prep["model_path"],
+        "records": index, "scored": len(per_example), "kept": len(kept),
+        "skipped": report.count(), "skipped_by_problem": report.by_problem(),
+        "events": dict(report.events), "skipped_records": report.skipped,
+        "candidates_per_pool": c, "budget_per_pool": b, "full_pools": len(full),
+        "last_pool": None if last is None else {"candidates": last["candidates"], "budget": last["budget"]},
+        "method": ob.method, "prune_ratio": ob.prune_ratio, "optbatch": dataclasses.asdict(ob),
+        "seed": run.seed, "warmup_steps": warmup_steps, "warmup_last_loss": warm_loss, "world_size": world,
+        "seconds": {k: round(v, 4) for k, v in times.items()}, "pools": pool_info,
+    }
+    _write_atomic(summary_path, (json.dumps(summary, indent=1, default=str) + "\n").encode("utf-8"))
+    return summary
+
+
+def main(argv=None) -> int:
+    run, output, warmup_steps = parse_args(argv)
+    rank, world, local_rank = comm.init_distributed(run.collective_timeout)
+    try:
+        select_dataset(run, output, warmup_steps, rank, world, local_rank)
+    finally:
+        comm.cleanup()
+    return 0
