@@ -410,6 +410,38 @@ def _pool_size(run: RunSpec) -> int | None:
     return None
 
 
+_DEFECTS: dict[str, list | None] = {}
+
+
+def _defect_labels(train_spec: str | None) -> list | None:
+    """Per-example "defect" labels of the training data (the demo set carries them), else None."""
+    if not train_spec:
+        return None
+    if train_spec not in _DEFECTS:
+        try:
+            from optbatch_ds.data import load_examples
+
+            labels = [e.meta.get("defect") for e in load_examples(train_spec)]
+            _DEFECTS[train_spec] = labels if any(l is not None for l in labels) else None
+        except Exception:  # a diagnostic only: never fail the report over it
+            _DEFECTS[train_spec] = None
+    return _DEFECTS[train_spec]
+
+
+def defect_share(run_dir: str) -> float:
+    """Share of the trained samples whose record is labelled defective (nan without labels)."""
+    cfg = _read_json(os.path.join(run_dir, "config.json")) or {}
+    labels = _defect_labels(cfg.get("train_data"))
+    if labels is None:
+        return float("nan")
+    bad = total = 0
+    for line in _read_jsonl(os.path.join(run_dir, "selection.jsonl")):
+        for i in line.get("selected", []):
+            total += 1
+            bad += labels[i] not in (None, "none")
+    return bad / total if total else float("nan")
+
+
 def collect_run(run: RunSpec, tasks_seen: set) -> dict:
     """One row: identity, status, final held-out metrics, totals, time breakdown, and the eval curve."""
     st = _read_json(os.path.join(run.dir, "bench_status.json")) or {}
@@ -456,6 +488,7 @@ def collect_run(run: RunSpec, tasks_seen: set) -> dict:
         history.append({"step": step, "epoch": step / per_epoch if per_epoch else float("nan"),
                         "wall_s": wall_at[step][0], "flops": wall_at[step][1], "loss": h.get("loss"),
                         "em_mean": _nanmean([t.get("exact_match") for t in h.get("tasks", {}).values()])})
+    row["defective_trained"] = defect_share(run.dir)
     row["eval_s"] = sum(float(h.get("seconds", 0.0) or 0.0) for h in _read_jsonl(os.path.join(run.dir, "eval_history.jsonl")))
     row["elapsed_s"] = st.get("elapsed_s", float("nan"))
     row["run_dir"] = run.dir
@@ -481,7 +514,7 @@ def summarize(rows: list[dict], tasks: list[str]) -> list[dict]:
         groups.setdefault((r["label"], r["prune_ratio"]), []).append(r)
     keys = (["heldout_loss", "em_mean", "bleu4_mean", "rougeL_mean"] + [f"em_{t}" for t in tasks]
             + [f"bleu4_{t}" for t in tasks] + [f"rougeL_{t}" for t in tasks]
-            + ["samples_trained", "samples_scored", "flops", "wall_s", "epochs"] + [f"time_{k}" for k in TIME_PARTS[:-1]])
+            + ["samples_trained", "samples_scored", "flops", "wall_s", "epochs", "defective_trained"] + [f"time_{k}" for k in TIME_PARTS[:-1]])
     out = []
     for (label, ratio), rs in groups.items():
         ok = [r for r in rs if r["status"] == "ok"]
@@ -554,10 +587,12 @@ def markdown(summary: list[dict], rows: list[dict], tasks: list[str], args, meta
              "Mean ± std over seeds (std only with 2+ seeds). EM, BLEU-4 and ROUGE-L are in percent, their "
              "unlabelled columns are the mean over tasks. FLOPs are the trainer's estimate (6·N per trained token "
              "+ 2·N per scored token); wall s is the training steps' own time (start-up and evaluations "
-             "excluded); ×full is the mean relative to full-data training.", "",
+             "excluded); ×full is the mean relative to full-data training. \"defective trained\" is the share of trained "
+             "samples whose record is labelled defective (duplicate, misaligned, truncated; demo data only).", "",
              "## Quality and compute", ""]
     head = (["method", "α", "ok", "held-out loss", "EM"] + [f"EM {t}" for t in tasks]
-            + ["BLEU-4", "ROUGE-L", "samples trained", "FLOPs", "FLOPs ×full", "wall s", "wall ×full"])
+            + ["BLEU-4", "ROUGE-L", "defective trained", "samples trained", "FLOPs", "FLOPs ×full", "wall s",
+               "wall ×full"])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         cells = [s["label"], f"{s['prune_ratio']:.2f}", f"{s['ok']}/{s['runs']}",
@@ -565,6 +600,7 @@ def markdown(summary: list[dict], rows: list[dict], tasks: list[str], args, meta
                  _cell(s["em_mean"], s["em_mean_std"], "{:.1f}")]
         cells += [_cell(s[f"em_{t}"], s[f"em_{t}_std"], "{:.1f}") for t in tasks]
         cells += [_cell(s["bleu4_mean"], s["bleu4_mean_std"], "{:.1f}"), _cell(s["rougeL_mean"], s["rougeL_mean_std"], "{:.1f}"),
+                  _cell(100 * s["defective_trained"], fmt="{:.1f}%"),
                   _cell(s["samples_trained"], float("nan"), "{:.0f}"), _sci(s["flops"]),
                   _cell(s["flops_vs_full"], fmt="{:.2f}"), _cell(s["wall_s"], s["wall_s_std"], "{:.1f}"),
                   _cell(s["wall_s_vs_full"], fmt="{:.2f}")]
@@ -614,7 +650,7 @@ def write_csv(path: str, rows: list[dict], tasks: list[str]) -> None:
     cols = ["run", "label", "method", "ablation", "prune_ratio", "seed", "status", "steps", "epochs",
             "heldout_loss", "em_mean", "bleu4_mean", "rougeL_mean"]
     cols += [f"{m}_{t}" for m in ("em", "bleu4", "rougeL", "loss") for t in tasks]
-    cols += ["samples_trained", "samples_scored", "tokens_trained", "flops", "wall_s"]
+    cols += ["defective_trained", "samples_trained", "samples_scored", "tokens_trained", "flops", "wall_s"]
     cols += [f"time_{k}" for k in TIME_PARTS[:-1]] + ["eval_s", "elapsed_s", "train_batch_size", "candidates", "run_dir"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")

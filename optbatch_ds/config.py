@@ -59,6 +59,8 @@ class OptBatchConfig:
     vocab_chunk: int = _help("Vocabulary rows processed at once when computing features (bounds memory).", 4096)
     score_batch_size: int = _help("Samples per scoring forward; 0 = 2 x train_micro_batch_size_per_gpu (no "
                                   "activations are kept for backward, so twice the micro batch fits).", 0)
+    outlier_fence: float = _help("k of Tukey's fence Q3 + k IQR over each pool's losses: candidates above it "
+                                 "(suspected defects) only fill the budget when the rest cannot; 0 = off.", 0.0)
     seed: int = _help("Seed of the selector and of the sketch projection (same on every rank).", 0)
 
     def __post_init__(self):
@@ -88,6 +90,8 @@ class OptBatchConfig:
                 bad(key, f"'{value}' is not allowed{_nearest(str(value), allowed)}")
         if int(self.sketch_dim) < 0:
             bad("sketch_dim", f"{self.sketch_dim} must be >= 0 (0 = use the features unprojected)")
+        if not (float(self.outlier_fence) >= 0):
+            bad("outlier_fence", f"{self.outlier_fence} must be >= 0 (0 = off, 1.5 = Tukey's usual fence)")
         if not (self.eps > 0):
             bad("eps", f"{self.eps} must be > 0")
         if int(self.vocab_chunk) < 1:
@@ -118,7 +122,8 @@ class OptBatchConfig:
         from optbatch_ds.selection import SelectionConfig
 
         return SelectionConfig(method=self.method, strata=self.strata, temperature=self.temperature,
-                               quotas=self.quotas, within=self.within, distance=self.distance, seed=self.seed)
+                               quotas=self.quotas, within=self.within, distance=self.distance,
+                               outlier_fence=self.outlier_fence, seed=self.seed)
 
 
 @dataclass

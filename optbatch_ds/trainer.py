@@ -446,6 +446,8 @@ def train(run: RunConfig, rank: int, world: int, local_rank: int) -> dict | None
                         line["weights"] = [round(float(x), 6) for x in weights]
                     if "quotas" in info:
                         line["quotas"] = info["quotas"]
+                    if all_losses is not None:  # the candidates' scores, for offline analysis
+                        line["losses"] = [round(x, 4) if math.isfinite(x) else None for x in all_losses.tolist()]
                     f.write(json.dumps(line) + "\n")
                 progress.update(1)
                 progress.set_postfix_str(f"loss {record['loss']:.4f} | {record['tokens_per_s']:.0f} tok/s", refresh=False)

@@ -46,6 +46,11 @@ class SelectionConfig:
     distance: str = field(
         default="euclidean", metadata={"help": "sketch distance for farthest-point: 'euclidean' or 'cosine'"}
     )
+    outlier_fence: float = field(
+        default=0.0,
+        metadata={"help": "optbatch: candidates with loss above Q3 + outlier_fence * IQR of the pool (Tukey's "
+                          "fence) are suspected defects and only fill the budget when the rest cannot; 0 = off"},
+    )
     seed: int = field(default=0, metadata={"help": "seed of the selection draws (combined with the step)"})
 
     def __post_init__(self):
@@ -59,6 +64,11 @@ class SelectionConfig:
             raise _choice_error("distance", self.distance, DISTANCES)
         if not _is_int(self.strata) or self.strata < 1:
             raise ValueError(f"SelectionConfig.strata={self.strata!r} is not valid; expected an integer >= 1")
+        f = self.outlier_fence
+        if isinstance(f, (bool, np.bool_)) or not isinstance(f, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(float(f)) or float(f) < 0:
+            raise ValueError(f"SelectionConfig.outlier_fence={f!r} is not valid; expected a number >= 0 (0 = off)")
+        object.__setattr__(self, "outlier_fence", float(f))
         if not _is_int(self.seed):
             raise ValueError(f"SelectionConfig.seed={self.seed!r} is not valid; expected an integer")
         t = self.temperature

@@ -132,14 +132,41 @@ def _infobatch(loss, sk, budget, config, generator):
     return kept, weights, info
 
 
+def loss_fence(loss: torch.Tensor, k: float) -> float:
+    """Tukey's upper fence Q3 + k IQR of the pool's losses (inf when k = 0: no fence)."""
+    if k <= 0:
+        return math.inf
+    q1, q3 = torch.quantile(loss.to(torch.float64), torch.tensor([0.25, 0.75], dtype=torch.float64)).tolist()
+    return q3 + k * (q3 - q1)
+
+
 def _optbatch(loss, sk, budget, config, generator):
-    groups = loss_strata(loss, config.strata)
-    quotas = exp_loss_quotas(loss, groups, budget, config.temperature, config.quotas == "exp_loss", generator)
+    """Strata, exp(loss) quotas and farthest-point filling (DESIGN §2 step 4).
+
+    With an outlier fence, candidates above it are set aside first: in instruction data the extreme
+    losses are mostly defects (misaligned or truncated answers), which exp(loss) quotas would favour and
+    farthest-point selection would seek out as outliers. They fill the budget, lowest loss first, only
+    when the others cannot."""
+    fence = loss_fence(loss, config.outlier_fence)
+    inside = torch.nonzero(loss <= fence).flatten()
+    suspects = torch.nonzero(loss > fence).flatten()
+    extra = {"outlier_fence": _json_float(fence), "suspects": int(suspects.numel())}
+    if inside.numel() < budget:  # not enough below the fence: keep them all, top up with the mildest suspects
+        order = torch.sort(loss[suspects], stable=True).indices
+        return torch.cat([inside, suspects[order[:budget - inside.numel()]]]), None, extra
+    sub_loss = loss[inside]
+    # the fence may leave fewer candidates than strata; without a fence that is the caller's error
+    strata = min(config.strata, inside.numel()) if config.outlier_fence > 0 else config.strata
+    groups = loss_strata(sub_loss, strata)
+    quotas = exp_loss_quotas(sub_loss, groups, budget, config.temperature, config.quotas == "exp_loss", generator)
     if config.within == "farthest":
-        picks = farthest_fill(prepare_sketches(sk, config.distance), groups, quotas)
+        picks = farthest_fill(prepare_sketches(sk[inside], config.distance), groups, quotas)
     else:
         picks = _draw_in_strata(groups, quotas, generator)
-    return picks, None, _strata_info(loss, groups, quotas)
+    info = _strata_info(sub_loss, groups, quotas)
+    if config.outlier_fence > 0:
+        info.update(extra)
+    return inside[picks], None, info
 
 
 _METHODS = {

@@ -444,3 +444,44 @@ def test_chunked_products_give_the_same_answer(monkeypatch):
     chunked = run("optbatch", losses, sketches, 100, 13)
     assert np.array_equal(whole.indices, chunked.indices)
     assert mean_nn_distance(sketches, idx) == pytest.approx(nn_whole, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------- outlier fence (improvement)
+
+@pytest.mark.unit
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_outlier_fence_sets_suspects_aside(seed):
+    g = torch.Generator().manual_seed(seed)
+    c, budget = 40, 28
+    losses = torch.rand(c, generator=g, dtype=torch.float64) + 0.5
+    outliers = torch.randperm(c, generator=g)[:5]
+    losses[outliers] += 20.0  # far beyond Q3 + 1.5 IQR
+    sketches = torch.randn(c, 8, generator=g)
+    sketches[outliers] *= 50  # and far away in sketch space: plain farthest-point would take them first
+    cfg = SelectionConfig(method="optbatch", strata=3, outlier_fence=1.5, seed=seed)
+    res = select(losses, sketches, budget, cfg, torch.Generator().manual_seed(seed))
+    assert len(set(res.indices.tolist())) == budget
+    assert not set(outliers.tolist()) & set(res.indices.tolist())
+    assert res.info["suspects"] == 5 and sum(res.info["quotas"]) == budget
+    q1, q3 = np.quantile(losses.numpy(), [0.25, 0.75])
+    assert res.info["outlier_fence"] == pytest.approx(q3 + 1.5 * (q3 - q1))
+    plain = select(losses, sketches, budget, SelectionConfig(method="optbatch", strata=3, seed=seed),
+                   torch.Generator().manual_seed(seed))
+    assert set(outliers.tolist()) <= set(plain.indices.tolist())  # what the fence prevents
+
+
+@pytest.mark.unit
+def test_outlier_fence_tops_up_with_mildest_suspects():
+    losses = torch.tensor([8.0, 1.0, 7.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype=torch.float64)
+    sk = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    res = select(losses, sk, 7, SelectionConfig(method="optbatch", strata=2, outlier_fence=0.01),
+                 torch.Generator().manual_seed(0))
+    assert res.info["outlier_fence"] == pytest.approx(6.25 + 0.01 * 3.5)  # 6 candidates below it
+    assert res.indices.tolist() == [1, 3, 4, 5, 6, 7, 2]  # all below the fence, then the mildest suspect
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), True])
+def test_outlier_fence_validation(bad):
+    with pytest.raises(ValueError, match="outlier_fence"):
+        SelectionConfig(outlier_fence=bad)
