@@ -19,16 +19,12 @@ import os
 import sys
 
 # Python puts this script's folder first on sys.path, where launch/select.py would shadow the standard
-# library's `select` module (imported by subprocess): drop the folder, add the repository root.
+# library's `select` module (imported by subprocess, hence by torch): drop the folder, add the repository root.
 _HERE = os.path.dirname(os.path.realpath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from optbatch_ds.cli import run_main  # noqa: E402
+from optbatch_ds.cli import run_main  # noqa: E402  (sets the offline defaults)
 
 if __name__ == "__main__":
     sys.exit(run_main("optbatch_ds.bench"))

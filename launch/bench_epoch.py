@@ -12,14 +12,20 @@ steps only. Ideal ratio with F_b = 2 F_f: (1 + 3 (1 - alpha)) / 3. Prints a mark
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import subprocess
 import sys
 
+# Python puts this script's folder first on sys.path, where launch/select.py would shadow the standard
+# library's `select` module (imported by subprocess, hence by torch): drop the folder, add the repository root.
+_HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import argparse
+import json
+import subprocess
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 PARTS = ("draw", "curvature", "score_forward", "features", "gather", "select", "broadcast", "train", "diagnostics")
 MODEL_SIZES = {

@@ -6,12 +6,19 @@ then the headline case (8192 candidates, budget 4096, dim 1024) against its 2 s 
 Inputs are synthetic: losses uniform in [0.5, 4.5] nats, Gaussian float32 sketches.
 Prints a markdown table; --json PATH also writes the rows.
 """
+import os
+import sys
+
+# Python puts this script's folder first on sys.path, where launch/select.py would shadow the standard
+# library's `select` module (imported by subprocess, hence by torch): drop the folder, add the repository root.
+_HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
 import argparse
 import json
-import os
 import platform
 import statistics
-import sys
 import time
 
 import torch

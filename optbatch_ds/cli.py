@@ -5,6 +5,12 @@ import importlib
 import os
 import sys
 
+# Set before transformers / datasets are imported: nothing is downloaded at run time, no progress bars of
+# theirs in our logs, no tokenizer thread pools fighting the ranks for cores.
+for _key, _value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                     ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(_key, _value)
+
 
 def run_main(module: str, argv=None) -> int:
     from optbatch_ds.config import ConfigError
