@@ -24,7 +24,7 @@ from optbatch_ds.checkpoint import find_resume, load_rng, save_rng, write_comple
 
 
 _LOGGED_INFO = ("mean_loss_candidates", "mean_loss_selected", "quotas", "stratum_sizes", "diversity_kept",
-                "diversity_random", "excluded_nonfinite", "drop_rate")
+                "diversity_random", "excluded_nonfinite", "drop_rate", "suspects", "outlier_fence")
 
 
 class NonFiniteLossError(RuntimeError):
