@@ -303,10 +303,10 @@ def train(run: RunConfig, rank: int, world: int, local_rank: int) -> dict | None
         totals = client["totals"]
         load_rng(resume_dir, rank)
         saved = client.get("config", {})
-        for key in ("method", "prune_ratio", "strata", "temperature", "feature", "sketch_dim", "seed"):
-            if key in saved and saved[key] != getattr(ob, key):
+        for key, value in saved.items():  # config and checkpoint disagreeing is a warning naming both
+            if getattr(ob, key, value) != value:
                 log0(f"warning: resuming with optbatch.{key}={getattr(ob, key)!r} but the checkpoint was "
-                     f"written with {saved[key]!r}")
+                     f"written with {value!r}")
         log0(f"resumed from {resume_dir} at step {start_step}")
     metrics_path = os.path.join(out, "metrics.jsonl")
     selection_path = os.path.join(out, "selection.jsonl")
