@@ -837,6 +837,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="Cap on held-out samples per task for generation metrics (train.py's default: all).")
     p.add_argument("--out", default="bench_out", help="Output folder (resumable).")
     p.add_argument("--dry-run", action="store_true", help="Print the plan and exit.")
+    p.add_argument("--report-only", action="store_true",
+                   help="Write results.* and plots over the runs of this plan that have finished; run nothing.")
     p.add_argument("--timeout-per-run", type=float, default=0, help="Seconds before a run is stopped (0: none).")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="Keep each finished run's checkpoints/ (deleted by default: the benchmark only needs metrics).")
@@ -883,6 +885,14 @@ def main(argv=None) -> int:
         r.est_s = estimate_seconds(r, scale)
     print_plan(plan, scale, args, n_train)
     if args.dry_run:
+        return 0
+    if args.report_only:  # tabulate what has finished, run nothing (grids run in pieces, reported together)
+        done = [r for r in plan if os.path.exists(os.path.join(r.dir, "eval.json"))]
+        if not done:
+            raise ConfigError(f"--report-only: no finished run of this plan under {args.out}/runs")
+        report(done, args, argv)
+        print(f"\nbench | report over {len(done)} finished of {len(plan)} planned runs in {args.out}/results.md",
+              flush=True)
         return 0
 
     os.makedirs(args.out, exist_ok=True)

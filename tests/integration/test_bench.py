@@ -87,6 +87,19 @@ def test_second_invocation_skips_finished_runs(grid):
         assert len(list(csv.DictReader(f))) == 2
 
 
+def test_report_only_tabulates_finished_runs_of_a_wider_plan(grid):
+    out, rc, log, _ = grid
+    assert rc == 0, log[-4000:]
+    wider = ["--methods", "random,optbatch,ccs", "--ratios", "0.3,0.7", "--seeds", "2", "--max-steps", "4",
+             "--nproc", "2", "--out", str(out), "--report-only"]
+    t0 = time.time()
+    rc, log = bench(*wider, timeout=120)
+    assert rc == 0, log[-4000:]
+    assert "report over 2 finished of 12 planned runs" in log and time.time() - t0 < 60
+    with open(out / "results.csv", newline="") as f:
+        assert sorted(r["run"] for r in csv.DictReader(f)) == sorted(RUNS)
+
+
 @pytest.mark.parametrize("methods,message", [
     ("random,optbaatch", "'optbaatch' is not a method; did you mean 'optbatch'?"),
     ("random,optbatch:strat=1", "unknown key 'strat'; did you mean 'strata'?"),
