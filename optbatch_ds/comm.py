@@ -14,6 +14,9 @@ import torch
 import torch.distributed as dist
 
 
+SETUP_TIMEOUT_S = 1800.0
+
+
 class DisagreementError(RuntimeError):
     """Ranks hold different selections after the broadcast: training would silently diverge."""
 
@@ -46,8 +49,11 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # Set-up (one rank building the default model or tokenizing a large set while the others wait,
+    # DeepSpeed's first collectives) may legitimately take longer than a training collective: start
+    # with a generous timeout, and the trainer tightens it with set_collective_timeout once set up.
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=mpi, verbose=False,
-                               timeout=datetime.timedelta(seconds=timeout_s))
+                               timeout=datetime.timedelta(seconds=max(timeout_s, SETUP_TIMEOUT_S)))
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if torch.cuda.is_available():
@@ -55,9 +61,27 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
     return rank, world, local_rank
 
 
-def cleanup() -> None:
+def set_collective_timeout(seconds: float) -> None:
+    """From now on a collective that waits longer than this (a dead or frozen rank) raises."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        from torch.distributed import distributed_c10d
+
+        distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds))
+
+
+def cleanup() -> None:
+    if not dist.is_initialized():
+        return
+    rank = dist.get_rank()
+    dist.destroy_process_group()
+    # DeepSpeed's CPU shared-memory comm op leaves its per-rank buffer in /dev/shm (about 70 MB a rank
+    # a run); every peer mapped it at init, so unlinking it now is safe.
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    try:
+        os.remove(name)
+    except OSError:
+        pass
 
 
 def comm_device() -> torch.device:

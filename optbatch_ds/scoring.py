@@ -377,6 +377,12 @@ def curvature_inv_sqrt(engine, eps: float) -> torch.Tensor | None:
         # fragment while the others wait in its all-reduce (a hang), and under ZeRO-3 it raises KeyError.
         return None
     key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
+    # After load_checkpoint, ZeRO-1/2 link the loaded Adam state to the parameters' fragments only
+    # inside their next step(); the public accessor would find no state. This is DeepSpeed's own
+    # idempotent linking call (the one step() makes), so reading works right after a resume too.
+    link = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if callable(link):
+        link()
     v = safe_get_full_optimizer_state(weight, key)
     if v is None:  # no ZeRO, no bf16 optimizer: the torch optimizer keys its state by the Parameter
         own = state.get(weight, {}) if hasattr(state, "get") else {}

@@ -341,7 +341,8 @@ def train(run: RunConfig, rank: int, world: int, local_rank: int) -> dict | None
             log0(format_table(res))
         return res
 
-    # --- the loop
+    # --- the loop: from here on a rank that stops answering is an error within the collective timeout
+    comm.set_collective_timeout(run.collective_timeout)
     preempt = _Preemption()
     last_ckpt = find_resume("auto", ckpt_root) if os.path.isdir(ckpt_root) else None
     progress = None

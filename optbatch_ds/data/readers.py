@@ -65,7 +65,7 @@ def _iter_jsonl(path: str) -> Iterator[tuple[str, object]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                yield source, DataError(source, None, f"line is not valid JSON: {e.msg} at column {e.colno}",
+                yield source, DataError(source, None, f"line is not valid JSON: {e.msg.removesuffix(' at')} at column {e.colno}",
                                         "one JSON object per line", kind="invalid_json")
                 continue
             yield source, record
@@ -109,7 +109,7 @@ def _iter_json_array(path: str) -> Iterator[tuple[str, object]]:
             top = json.loads(text)
         except json.JSONDecodeError as e:
             hint = " (one record per line? then name the file .jsonl)" if e.msg == "Extra data" else ""
-            raise broken(e.pos, f"{e.msg} at column {e.colno}{hint}") from None
+            raise broken(e.pos, f"{e.msg.removesuffix(' at')} at column {e.colno}{hint}") from None
         raise DataError(path, None, f"the top level is a JSON {_json_type(top)}",
                         "a JSON array of records (or a .jsonl file, one record per line)",
                         kind="wrong_top_level", skippable=False)
@@ -121,7 +121,7 @@ def _iter_json_array(path: str) -> Iterator[tuple[str, object]]:
         try:
             record, end = decoder.raw_decode(text, i)
         except json.JSONDecodeError as e:
-            raise broken(e.pos, f"{e.msg} at column {e.colno}") from None
+            raise broken(e.pos, f"{e.msg.removesuffix(' at')} at column {e.colno}") from None
         n += 1
         yield f"{path}:{_line_of(text, i)}", record
         i = skip_ws(end)
