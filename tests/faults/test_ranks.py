@@ -60,6 +60,7 @@ def _peer_leaves_body(rank, world_size, op, how):
     from optbatch_ds import comm
 
     comm.init_distributed(TIMEOUT_S)
+    comm.set_collective_timeout(TIMEOUT_S)  # what the trainer does once set-up is over
     comm.barrier()  # both ranks are up and connected
     if rank == 1:
         if how == "stalls":  # alive but never joins the collective (stuck in I/O, a debugger, a deadlock)
