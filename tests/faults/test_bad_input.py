@@ -22,14 +22,6 @@ ENV.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="
 BROKEN_LINE = 5  # 1-based line of the broken record in the data file
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    # One folder for every module of tests/faults, so they share one `.optbatch_cache` (model + demo data).
-    path = tmp_path_factory.getbasetemp() / "faults"
-    path.mkdir(exist_ok=True)
-    return path
-
-
 def small_inputs(root, n_records: int) -> dict:
     """The built-in model, built the way the trainer builds it (same cache key, so runs without --model
     reuse it), and the first `n_records` demo records as a --data file: a setup of about a second.

@@ -34,14 +34,6 @@ RUN_TIMEOUT = 600
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    # One folder for every module of tests/faults, so they share one `.optbatch_cache` (model + demo data).
-    path = tmp_path_factory.getbasetemp() / "faults"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-@pytest.fixture(scope="module")
 def data_args(root):
     # 200 demo records (8 steps of 24 candidates per epoch: the runs cross an epoch boundary) and the
     # built-in model: a setup of seconds, no held-out set to evaluate.

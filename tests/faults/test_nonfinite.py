@@ -24,14 +24,6 @@ POISON_ROW = 1       # row of the batch that is poisoned
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    # One folder for every module of tests/faults, so they share one `.optbatch_cache` (model + demo data).
-    path = tmp_path_factory.getbasetemp() / "faults"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-@pytest.fixture(scope="module")
 def data_args(root):
     return small_inputs(root, 200)["args"]  # 200 demo records: a short setup, several steps per epoch
 

@@ -24,14 +24,6 @@ RAISE_WITHIN_S = 30.0
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    # One folder for every module of tests/faults, so they share one `.optbatch_cache` (model + demo data).
-    path = tmp_path_factory.getbasetemp() / "faults"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-@pytest.fixture(scope="module")
 def small_run(root):
     """--model/--data of a setup that takes about a second, so a short collective timeout measures the loop."""
     return small_inputs(root, 40)["args"]
