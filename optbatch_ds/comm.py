@@ -63,10 +63,16 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
 
 def set_collective_timeout(seconds: float) -> None:
     """From now on a collective that waits longer than this (a dead or frozen rank) raises."""
-    if dist.is_initialized():
-        from torch.distributed import distributed_c10d
+    if not dist.is_initialized():
+        return
+    from torch.distributed import distributed_c10d
 
-        distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=seconds))
+    # Every group, not only the default one: DeepSpeed's data-parallel and ZeRO groups were created
+    # during set-up with the set-up timeout, and a frozen peer would hang their collectives for that long.
+    timeout = datetime.timedelta(seconds=seconds)
+    groups = list(getattr(getattr(distributed_c10d, "_world", None), "pg_map", {}) or [None])
+    for group in groups:
+        distributed_c10d._set_pg_timeout(timeout, group)
 
 
 def cleanup() -> None:
