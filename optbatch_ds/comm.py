@@ -90,6 +90,15 @@ def cleanup() -> None:
         pass
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    """World size; 1 without a process group (a single process never initialised one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def comm_device() -> torch.device:
     """Where tensors must live for the backend: gloo takes CPU tensors, NCCL device tensors."""
     if dist.is_initialized() and dist.get_backend() == "nccl":
@@ -99,12 +108,12 @@ def comm_device() -> torch.device:
 
 def gather_to_rank0(tensor: torch.Tensor) -> torch.Tensor | None:
     """Concatenate every rank's tensor (same shape on every rank) along dim 0 on rank 0; None elsewhere."""
-    world = dist.get_world_size()
+    world = _world()
     dev = comm_device()
     t = tensor.detach().to(dev).contiguous()
     if world == 1:
         return t.cpu()
-    parts = [torch.empty_like(t) for _ in range(world)] if dist.get_rank() == 0 else None
+    parts = [torch.empty_like(t) for _ in range(world)] if _rank() == 0 else None
     dist.gather(t, gather_list=parts, dst=0)
     return torch.cat(parts).cpu() if parts is not None else None
 
@@ -112,8 +121,8 @@ def gather_to_rank0(tensor: torch.Tensor) -> torch.Tensor | None:
 def broadcast_from_rank0(tensor: torch.Tensor | None, shape, dtype) -> torch.Tensor:
     """Rank 0's tensor on every rank (others pass None and the expected shape/dtype)."""
     dev = comm_device()
-    buf = tensor.to(dev, dtype).contiguous() if dist.get_rank() == 0 else torch.empty(shape, dtype=dtype, device=dev)
-    if dist.get_world_size() > 1:
+    buf = tensor.to(dev, dtype).contiguous() if _rank() == 0 else torch.empty(shape, dtype=dtype, device=dev)
+    if _world() > 1:
         dist.broadcast(buf, src=0)
     return buf.cpu()
 
@@ -126,7 +135,7 @@ def digest(t: torch.Tensor) -> int:
 
 def check_agreement(t: torch.Tensor, what: str = "selected indices", step: int | None = None) -> None:
     """Raise DisagreementError on every rank if any rank's tensor differs from rank 0's."""
-    world = dist.get_world_size()
+    world = _world()
     if world == 1:
         return
     mine = torch.tensor([digest(t)], dtype=torch.int64, device=comm_device())
@@ -141,13 +150,13 @@ def check_agreement(t: torch.Tensor, what: str = "selected indices", step: int |
 
 
 def all_gather_objects(obj) -> list:
-    if dist.get_world_size() == 1:
+    if _world() == 1:
         return [obj]
-    out = [None] * dist.get_world_size()
+    out = [None] * _world()
     dist.all_gather_object(out, obj)
     return out
 
 
 def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _world() > 1:
         dist.barrier()

@@ -216,7 +216,7 @@ class OptBatchMixin:
 
     def _optbatch_step(self) -> list[dict]:
         from optbatch_ds.data import EpochSampler
-        from optbatch_ds.trainer import collate, score_candidates
+        from optbatch_ds.trainer import choose_batch, collate
 
         st, ob = self._ob, self.optbatch
         rank, world = _rank_world()
@@ -238,40 +238,18 @@ class OptBatchMixin:
         pad_id = getattr(self.processing_class, "pad_token_id", None)
         pad_id = 0 if pad_id is None else pad_id  # right padding is masked: any id will do
 
-        all_losses = all_sketches = inv_sqrt_v = None
-        if ob.needs_scores:
-            scorer = self._scorer()
-            t0 = time.perf_counter()
-            if ob.needs_features and ob.feature == "grad_curvature":
-                inv_sqrt_v = self._curvature()
-            timers["curvature"] = time.perf_counter() - t0
-            losses, sketches, _ = score_candidates(scorer, [self._row(i) for i in mine], pad_id, ob, inv_sqrt_v,
-                                                   self._projection(scorer), st.score_bs, timers)
-            t0 = time.perf_counter()
-            all_losses = comm.gather_to_rank0(losses) if world > 1 else losses
-            if sketches is not None:
-                all_sketches = comm.gather_to_rank0(sketches) if world > 1 else sketches
-            timers["gather"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        sel = weights = info = None
-        if rank == 0:
-            result = st.selector(step, all_losses if ob.needs_scores else torch.zeros(st.c), all_sketches, st.b)
-            sel = torch.as_tensor(result.indices, dtype=torch.long)
-            weights = torch.as_tensor(result.weights, dtype=torch.float32)
-            info = dict(result.info)
-        timers["select"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        scorer = self._scorer() if ob.needs_scores else None
+        choice = choose_batch(scorer, [self._row(i) for i in mine], step, ob, st.selector, st.c, st.b, pad_id=pad_id,
+                              projection=self._projection(scorer) if scorer is not None else None,
+                              score_bs=st.score_bs, curvature=self._curvature, timers=timers, rank=rank)
+        sel, weights, info = choice.positions, choice.weights, choice.info
+        all_losses, all_sketches = choice.losses, choice.sketches
         if world > 1:
-            sel = comm.broadcast_from_rank0(sel, (st.b,), torch.long)
-            weights = comm.broadcast_from_rank0(weights, (st.b,), torch.float32)
-            comm.check_agreement(torch.cat([sel.double(), weights.double()]), step=step)
             box = [info]
             torch.distributed.broadcast_object_list(box, src=0)  # so every rank logs the same line
             info = box[0]
-        timers["broadcast"] = time.perf_counter() - t0
         selected = [cand[p] for p in sel.tolist()]
-        self._optbatch_record(step, cand, selected, weights, info, timers, inv_sqrt_v is not None,
+        self._optbatch_record(step, cand, selected, weights, info, timers, choice.curvature,
                               all_losses, all_sketches, rank)
 
         mine_sel, mine_w = selected[rank * bpr:(rank + 1) * bpr], weights[rank * bpr:(rank + 1) * bpr]

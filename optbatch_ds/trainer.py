@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -99,11 +100,10 @@ def score_candidates(engine, batch_items: list, pad_id: int, ob, inv_sqrt_v, pro
             out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             t1 = time.perf_counter()
             timers["score_forward"] += t1 - t0
-            if not ob.needs_features:
+            if not ob.needs_features or ob.feature == "hidden":
                 losses.append(per_sample_loss(out.logits, batch["labels"]).float().cpu())
-            elif ob.feature == "hidden":
-                losses.append(per_sample_loss(out.logits, batch["labels"]).float().cpu())
-                feats.append(hidden_features(capture.value, batch["labels"], projection=projection).float().cpu())
+                if ob.needs_features:
+                    feats.append(hidden_features(capture.value, batch["labels"], projection=projection).float().cpu())
             else:
                 l, f = output_layer_features(capture.value, out.logits, batch["labels"],
                                              inv_sqrt_v=inv_sqrt_v if ob.feature == "grad_curvature" else None,
@@ -116,6 +116,53 @@ def score_candidates(engine, batch_items: list, pad_id: int, ob, inv_sqrt_v, pro
         if was_training:
             model.train()
     return torch.cat(losses), (torch.cat(feats) if feats else None), tokens
+
+
+class Choice(NamedTuple):
+    """What steps 2-5 decided: positions into the candidate list and weights (identical on every rank),
+    the selector's info (rank 0), the gathered losses / sketches (rank 0, None if not scored)."""
+
+    positions: torch.Tensor
+    weights: torch.Tensor
+    info: dict
+    losses: torch.Tensor | None
+    sketches: torch.Tensor | None
+    score_tokens: int
+    curvature: bool
+
+
+def choose_batch(engine, items: list, step: int, ob, selector, c: int, b: int, *, pad_id: int, projection,
+                 score_bs: int, curvature, timers: dict, rank: int) -> Choice:
+    """DESIGN §2 steps 2-5 for one pool: score this rank's candidates `items`, gather to rank 0, select b
+    of the c there, broadcast, check every rank holds the same. `curvature()` returns 1/sqrt(v + eps) (or
+    None); it is called, collectively, only when the features need it. Shared by every entry point."""
+    info: dict = {}
+    all_losses = all_sketches = inv_sqrt_v = None
+    score_tokens = 0
+    if ob.needs_scores:
+        t0 = time.perf_counter()
+        inv_sqrt_v = curvature() if ob.needs_features and ob.feature == "grad_curvature" else None
+        timers["curvature"] = time.perf_counter() - t0
+        losses, sketches, score_tokens = score_candidates(engine, items, pad_id, ob, inv_sqrt_v, projection,
+                                                          score_bs, timers)
+        t0 = time.perf_counter()
+        all_losses = comm.gather_to_rank0(losses)
+        all_sketches = comm.gather_to_rank0(sketches) if sketches is not None else None
+        timers["gather"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    positions = weights = None
+    if rank == 0:
+        result = selector(step, all_losses if ob.needs_scores else torch.zeros(c), all_sketches, b)
+        positions = torch.as_tensor(result.indices, dtype=torch.long)
+        weights = torch.as_tensor(result.weights, dtype=torch.float32)
+        info = dict(result.info)
+    timers["select"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    positions = comm.broadcast_from_rank0(positions, (b,), torch.long)
+    weights = comm.broadcast_from_rank0(weights, (b,), torch.float32)
+    comm.check_agreement(torch.cat([positions.double(), weights.double()]), step=step)
+    timers["broadcast"] = time.perf_counter() - t0
+    return Choice(positions, weights, info, all_losses, all_sketches, score_tokens, inv_sqrt_v is not None)
 
 
 def sketch_projection(module, ob):
@@ -367,33 +414,12 @@ def train(run: RunConfig, rank: int, world: int, local_rank: int) -> dict | None
             cand = [prep["pool"][p] for p in sampler.draw(c)]
             mine = cand[rank * cpr:(rank + 1) * cpr]
             timers["draw"] = time.perf_counter() - t0
-            # 2. score
-            score_tokens = 0
-            info: dict = {}
-            all_losses = all_sketches = None
-            if ob.needs_scores:
-                t0 = time.perf_counter()
-                inv_sqrt_v = (curvature_inv_sqrt(engine, ob.eps)
-                              if ob.needs_features and ob.feature == "grad_curvature" else None)
-                timers["curvature"] = time.perf_counter() - t0
-                losses, sketches, score_tokens = score_candidates(
-                    engine, [prep["encoded"][i] for i in mine], tok.pad_token_id, ob, inv_sqrt_v, projection,
-                    score_bs, timers)
-                # 3. gather (index, loss, sketch) to rank 0
-                t0 = time.perf_counter()
-                all_losses = comm.gather_to_rank0(losses)
-                all_sketches = comm.gather_to_rank0(sketches) if sketches is not None else None
-                timers["gather"] = time.perf_counter() - t0
-            # 4. select on rank 0
-            t0 = time.perf_counter()
-            sel_pos = weights = None
-            if rank == 0:
-                result = selector(step, all_losses if ob.needs_scores else torch.zeros(c),
-                                  all_sketches if ob.needs_scores else None, b)
-                sel_pos = torch.as_tensor(result.indices, dtype=torch.long)
-                weights = torch.as_tensor(result.weights, dtype=torch.float32)
-                info = dict(result.info)
-            timers["select"] = time.perf_counter() - t0
+            # 2-5. score, gather, select on rank 0, broadcast + agreement check
+            choice = choose_batch(engine, [prep["encoded"][i] for i in mine], step, ob, selector, c, b,
+                                  pad_id=tok.pad_token_id, projection=projection, score_bs=score_bs,
+                                  curvature=lambda: curvature_inv_sqrt(engine, ob.eps), timers=timers, rank=rank)
+            sel_pos, weights, info, score_tokens = choice.positions, choice.weights, choice.info, choice.score_tokens
+            all_losses, all_sketches = choice.losses, choice.sketches
             if rank == 0 and all_sketches is not None:
                 # diagnostics, timed apart from selection: how much diversity the choice bought
                 t0 = time.perf_counter()
@@ -404,12 +430,6 @@ def train(run: RunConfig, rank: int, world: int, local_rank: int) -> dict | None
                 info["diversity_kept"] = float(mean_nn_distance(all_sketches, sel_pos.numpy()))
                 info["diversity_random"] = float(mean_nn_distance(all_sketches, rnd))
                 timers["diagnostics"] = time.perf_counter() - t0
-            # 5. broadcast + agreement check
-            t0 = time.perf_counter()
-            sel_pos = comm.broadcast_from_rank0(sel_pos, (b,), torch.long)
-            weights = comm.broadcast_from_rank0(weights, (b,), torch.float32)
-            comm.check_agreement(torch.cat([sel_pos.double(), weights.double()]), step=step)
-            timers["broadcast"] = time.perf_counter() - t0
             selected = [cand[p] for p in sel_pos.tolist()]
             history.append(selected)
             # 6. train on this rank's share, micro-batch by micro-batch
