@@ -29,7 +29,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 
 from optbatch_ds.config import (METHODS, ConfigError, OptBatchConfig, RunConfig, _nearest, load_json_config,
@@ -255,7 +257,8 @@ def print_plan(plan: list[RunSpec], scale: float, args, n_train: int | None) -> 
               f"{_fmt_s(r.est_s):>7}  {status}")
     how = "calibrated on finished runs" if scale != 1.0 else \
         f"assumes {1 / FULL_STEP_S:.0f} full-data steps/s and {STARTUP_S:.0f} s start-up (demo model, 2 CPU ranks)"
-    print(f"estimated time for the runs to do: {_fmt_s(todo)} ({how})", flush=True)
+    jobs = f", {args.jobs} at a time" if args.jobs > 1 else ""
+    print(f"estimated time for the runs to do: {_fmt_s(todo / args.jobs)} ({how}{jobs})", flush=True)
 
 
 # ---------------------------------------------------------------------------- run
@@ -314,8 +317,26 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def execute(run: RunSpec, cmd: list[str], timeout: float, run_ranks: int = 1) -> dict:
-    """Run one training run into run.dir (from scratch); returns and writes its bench_status.json."""
+_RUNNING: set = set()  # Popen objects of the runs in flight (stopped together on Ctrl-C)
+_RUNNING_LOCK = threading.Lock()
+
+
+def threads_per_rank(run_ranks: int, jobs: int) -> int:
+    """Like torchrun: ranks sharing the CPU cores must not each spawn a thread per core."""
+    return max(1, (os.cpu_count() or 1) // max(1, run_ranks * jobs))
+
+
+def stop_all() -> None:
+    with _RUNNING_LOCK:
+        procs = list(_RUNNING)
+    for proc in procs:
+        _stop(proc)
+
+
+def execute(run: RunSpec, cmd: list[str], timeout: float, threads: int = 1) -> dict:
+    """Run one training run into run.dir (from scratch); returns and writes its bench_status.json.
+
+    Safe to call from several threads at once (--jobs): each run has its own directory and process group."""
     if os.path.isdir(run.dir):
         shutil.rmtree(run.dir)  # an unfinished attempt: its appended eval_history would mix with the new one
     os.makedirs(run.dir)
@@ -328,10 +349,11 @@ def execute(run: RunSpec, cmd: list[str], timeout: float, run_ranks: int = 1) ->
         # PYTHONSAFEPATH: launch/ is not put first on the runs' sys.path, where launch/select.py would shadow
         # the standard library's `select` (train.py adds the repository root itself)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
-        # like torchrun: ranks sharing a CPU must not each spawn a thread per core
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, run_ranks))))
+        env.setdefault("OMP_NUM_THREADS", str(threads))
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
+        with _RUNNING_LOCK:
+            _RUNNING.add(proc)
         try:
             rc = proc.wait(timeout=timeout or None)
         except subprocess.TimeoutExpired:
@@ -340,11 +362,15 @@ def execute(run: RunSpec, cmd: list[str], timeout: float, run_ranks: int = 1) ->
         except KeyboardInterrupt:
             _stop(proc)
             raise
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(proc)
     elapsed = time.time() - t0
     if status != "timeout":
         status = "ok" if rc == 0 and os.path.exists(os.path.join(run.dir, "eval.json")) else "failed"
     record = {"status": status, "returncode": rc, "elapsed_s": round(elapsed, 3), "est_s": round(run.est_s, 3),
-              "command": shlex.join(cmd), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "command": shlex.join(cmd), "threads_per_rank": threads, "started_unix": round(t0, 3),
+              "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     if status != "ok":
         record["log_tail"] = _tail(log_path, FAILED_TAIL_LINES)
         with open(os.path.join(run.dir, "failure.txt"), "w") as f:
@@ -827,6 +853,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--deepspeed", default="ds_configs/zero3.json", help="Base DeepSpeed JSON.")
     p.add_argument("--nproc", "--num-gpus", dest="nproc", type=int, default=2,
                    help="Ranks per run (deepspeed --num_gpus); 1 runs `python launch/train.py` without the launcher.")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="Runs at a time (each gets cpu_count / (nproc x jobs) threads per rank); e.g. --nproc 1 "
+                        "--jobs 2 --deepspeed ds_configs/bench_1rank.json on a 2-core machine.")
     p.add_argument("--launcher-args", default="", help="Extra deepspeed launcher arguments, e.g. '--hostfile hosts'.")
     p.add_argument("--epochs", type=float, default=3.0,
                    help="Epoch budget of every run (check on heldout_vs_epoch.png that full training has plateaued).")
@@ -861,6 +890,8 @@ def parse_args(argv: list[str]):
         raise ConfigError(f"--seeds {args.seeds}: need at least 1")
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: need at least 1 rank")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs}: need at least 1")
     if args.max_steps <= 0 and args.epochs <= 0:
         raise ConfigError("--epochs must be > 0 (or give --max-steps)")
     if args.data is not None and args.eval_data is None:
@@ -909,20 +940,19 @@ def main(argv=None) -> int:
     print(f"\n{len(plan) - len(todo)} finished run(s) skipped, {len(todo)} to run", flush=True)
     failed = []
     t_start = time.time()
-    for i, run in enumerate(todo, 1):
-        cmd = build_command(run, args, extra)
-        try:
-            st = execute(run, cmd, args.timeout_per_run, args.nproc)
-        except KeyboardInterrupt:
-            print(f"\ninterrupted during {run.name} (stopped); rerun the same command to resume the grid", flush=True)
-            return 130
+    threads = threads_per_rank(args.nproc, args.jobs)
+    if args.jobs > 1:
+        print(f"{args.jobs} runs at a time, {args.nproc} rank(s) x {threads} thread(s) each "
+              "(wall times of concurrent runs are comparable with each other, not with a quiet machine)", flush=True)
+
+    def finished(run: RunSpec, st: dict, i: int) -> None:
         if st["status"] == "ok" and not args.keep_checkpoints:
             _remove_checkpoints(run)
         row = collect_run(run, set())
         done_s = time.time() - t_start
-        left = todo[i:]
         scale = _calibration(plan)
-        eta = sum(estimate_seconds(r, scale) for r in left)
+        left = [r for r in todo if not os.path.exists(os.path.join(r.dir, "bench_status.json"))]
+        eta = sum(estimate_seconds(r, scale) for r in left) / args.jobs
         if st["status"] == "ok":
             print(f"[{i}/{len(todo)}] {run.name} | ok | loss {row['heldout_loss']:.4f} | EM {row['em_mean']:.1f} | "
                   f"BLEU-4 {row['bleu4_mean']:.1f} | trained {row['samples_trained']} | FLOPs {row['flops']:.3g} | "
@@ -938,6 +968,26 @@ def main(argv=None) -> int:
             cause = [l for l in tail if re.match(r"\s*(error\b|\w*(Error|Exception)\b)", l)] or tail
             for line in cause[-3:]:
                 print("      " + line.strip()[:200], flush=True)
+
+    queue = list(todo)
+    n_done = 0
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        in_flight = {}
+        try:
+            while queue or in_flight:
+                while queue and len(in_flight) < args.jobs:
+                    run = queue.pop(0)
+                    in_flight[pool.submit(execute, run, build_command(run, args, extra), args.timeout_per_run,
+                                          threads)] = run
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    n_done += 1
+                    finished(in_flight.pop(fut), fut.result(), n_done)
+        except KeyboardInterrupt:
+            stop_all()
+            names = ", ".join(r.name for r in in_flight.values())
+            print(f"\ninterrupted during {names} (stopped); rerun the same command to resume the grid", flush=True)
+            return 130
     rows, summary = report(plan, args, argv)
     bad = [r["run"] for r in rows if r["status"] != "ok"]
     print(f"\nbench | {len(rows) - len(bad)}/{len(rows)} runs ok | results in {args.out}/results.md, results.csv, "

@@ -100,6 +100,27 @@ def test_report_only_tabulates_finished_runs_of_a_wider_plan(grid):
         assert sorted(r["run"] for r in csv.DictReader(f)) == sorted(RUNS)
 
 
+def test_jobs_run_concurrently_on_one_rank_each(tmp_path):
+    """--jobs 2 --nproc 1: both runs in flight at once, one thread each, same global batch as 2 ranks."""
+    out = tmp_path / "jobs"
+    rc, log = bench("--methods", "full,optbatch", "--ratios", "0.3", "--seeds", "1", "--max-steps", "3",
+                    "--eval-every", "0", "--eval-samples-per-task", "2", "--nproc", "1", "--jobs", "2",
+                    "--deepspeed", "ds_configs/bench_1rank.json", "--out", str(out), "--", "--eval-max-new-tokens", "4")
+    assert rc == 0, log[-4000:]
+    assert "2 runs at a time, 1 rank(s) x 1 thread(s) each" in log and "2/2 runs ok" in log
+    spans = []
+    for name in ("full_a0.00_s0", "optbatch_a0.30_s0"):
+        st = json.load(open(out / "runs" / name / "bench_status.json"))
+        assert st["status"] == "ok" and st["threads_per_rank"] == 1
+        spans.append((st["started_unix"], st["started_unix"] + st["elapsed_s"]))
+    (a0, a1), (b0, b1) = spans
+    assert max(a0, b0) < min(a1, b1), f"runs did not overlap: {spans}"
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["samples_trained"]) for r in rows] == [3 * 16, 3 * 16]
+    assert [int(r["train_batch_size"]) for r in rows] == [16, 16]
+
+
 @pytest.mark.parametrize("methods,message", [
     ("random,optbaatch", "'optbaatch' is not a method; did you mean 'optbatch'?"),
     ("random,optbatch:strat=1", "unknown key 'strat'; did you mean 'strata'?"),
