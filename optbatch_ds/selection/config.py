@@ -11,6 +11,7 @@ METHODS = ("full", "random", "online_hard", "ccs", "infobatch", "optbatch")
 QUOTAS = ("exp_loss", "uniform")
 WITHIN = ("farthest", "random")
 DISTANCES = ("euclidean", "cosine")
+REWEIGHTS = ("none", "strata")
 
 
 class SelectionError(ValueError):
@@ -46,6 +47,11 @@ class SelectionConfig:
     distance: str = field(
         default="euclidean", metadata={"help": "sketch distance for farthest-point: 'euclidean' or 'cosine'"}
     )
+    reweight: str = field(
+        default="none",
+        metadata={"help": "optbatch: 'none', or 'strata' = weight a selected sample of stratum s by "
+                          "(n_s / q_s) * (budget / c), the stratified-sampling estimator of the pool's mean loss"},
+    )
     outlier_fence: float = field(
         default=0.0,
         metadata={"help": "optbatch: candidates with loss above Q3 + outlier_fence * IQR of the pool (Tukey's "
@@ -62,6 +68,8 @@ class SelectionConfig:
             raise _choice_error("within", self.within, WITHIN)
         if self.distance not in DISTANCES:
             raise _choice_error("distance", self.distance, DISTANCES)
+        if self.reweight not in REWEIGHTS:
+            raise _choice_error("reweight", self.reweight, REWEIGHTS)
         if not _is_int(self.strata) or self.strata < 1:
             raise ValueError(f"SelectionConfig.strata={self.strata!r} is not valid; expected an integer >= 1")
         f = self.outlier_fence
@@ -91,7 +99,8 @@ class SelectionResult:
 
     indices: int64 positions into the candidate arrays (length == budget, distinct), in selection
         order (optbatch: greedy pick order, highest-loss stratum first; sort them if order matters).
-    weights: float32 per-selected-sample loss weight, aligned with indices (1.0 except infobatch).
+    weights: float32 per-selected-sample loss weight, aligned with indices, mean 1 (1.0 except infobatch
+        and optbatch with reweight="strata").
     info: JSON-serialisable diagnostics (quotas, stratum sizes, counts of excluded candidates, ...).
     """
 

@@ -166,7 +166,24 @@ def _optbatch(loss, sk, budget, config, generator):
     info = _strata_info(sub_loss, groups, quotas)
     if config.outlier_fence > 0:
         info.update(extra)
-    return inside[picks], None, info
+    weights = stratum_weights(groups, quotas, picks) if config.reweight == "strata" else None
+    return inside[picks], weights, info
+
+
+def stratum_weights(groups: list[torch.Tensor], quotas: list[int], picks: torch.Tensor) -> np.ndarray:
+    """Stratified-sampling weights of the picked positions: w = (n_s / q_s) / (n / b), mean exactly 1.
+
+    With n_s members and q_s picks in stratum s (n and b in all), sum_i w_i x_i / b is the stratified
+    estimator sum_s (n_s / n) mean_{picked in s} x of the mean of x over all n candidates: each
+    stratum counts as much as its share of the pool, however many of its members the quotas took.
+    A stratum without a quota cannot be represented: n counts only the strata with one."""
+    b = int(picks.numel())
+    n = sum(int(g.numel()) for g, q in zip(groups, quotas) if q > 0)
+    weight_of = {}
+    for g, q in zip(groups, quotas):
+        if q > 0:
+            weight_of.update(dict.fromkeys(g.tolist(), (g.numel() / q) * (b / n)))
+    return np.array([weight_of[i] for i in picks.tolist()], dtype=np.float64)
 
 
 _METHODS = {

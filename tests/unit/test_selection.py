@@ -313,6 +313,35 @@ def test_infobatch_equal_losses_have_no_low():
     assert res.info["r"] == 0.0 and res.info["low_loss"] == 0 and np.all(res.weights == 1.0)
 
 
+# ---------------------------------------------------------------- optbatch reweight="strata"
+
+@pytest.mark.parametrize("seed,c,budget,strata,within", [(0, 90, 60, 3, "farthest"), (1, 23, 16, 3, "farthest"),
+                                                          (2, 200, 60, 5, "random"), (3, 40, 10, 7, "random")])
+def test_strata_reweight_is_the_stratified_estimator(seed, c, budget, strata, within):
+    losses, sketches = make_inputs(seed, c, 8)
+    res = run("optbatch", losses, sketches, budget, seed, strata=strata, within=within, reweight="strata")
+    plain = run("optbatch", losses, sketches, budget, seed, strata=strata, within=within)
+    # same choice as without reweighting (weights never change what is selected), plain weights are 1
+    assert np.array_equal(res.indices, plain.indices) and np.all(plain.weights == 1.0)
+    groups = ref_strata(losses.numpy(), strata)
+    quotas = res.info["quotas"]
+    assert [int(np.isin(res.indices, g).sum()) for g in groups] == quotas
+    n = sum(len(g) for g, q in zip(groups, quotas) if q)
+    # the weighted batch mean of any per-sample quantity equals the stratified estimate of the pool mean
+    x = np.random.default_rng(seed).normal(size=c)
+    strat = sum(len(g) / n * x[np.intersect1d(res.indices, g)].mean() for g, q in zip(groups, quotas) if q)
+    assert float((res.weights * x[res.indices]).sum() / budget) == pytest.approx(strat, rel=1e-6, abs=1e-9)
+    assert float(res.weights.mean()) == pytest.approx(1.0, abs=1e-6)
+    for g, q in zip(groups, quotas):
+        in_g = np.isin(res.indices, g)
+        assert in_g.sum() == q and np.allclose(res.weights[in_g], len(g) / max(q, 1) * budget / n, rtol=1e-6)
+
+
+def test_strata_reweight_rejects_unknown_value():
+    with pytest.raises(ValueError, match="reweight='stratum'.*did you mean 'strata'"):
+        SelectionConfig(reweight="stratum")
+
+
 # ---------------------------------------------------------------- ccs
 
 @pytest.mark.parametrize("seed,c,budget,strata", [(0, 90, 40, 3), (1, 200, 101, 4), (2, 50, 7, 5)])

@@ -1,0 +1,488 @@
+"""The benchmark's report: collect each run's outputs -> tabulate (mean ± std over seeds) -> plot.
+
+Reads only what launch/train.py writes into a run directory (eval.json, eval_history.jsonl,
+metrics.jsonl, selection.jsonl, config.json) plus bench_status.json, so a report can be rebuilt at
+any time from finished runs (launch/bench.py --report-only). optbatch_ds.bench plans and runs.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from optbatch_ds.bench import RunSpec
+
+TIME_PARTS = ("draw", "curvature", "score_forward", "features", "gather", "select", "broadcast", "train",
+              "diagnostics", "total")
+
+
+def _fmt_value(v) -> str:
+    return json.dumps(v) if not isinstance(v, str) else v
+
+
+def _tail(path: str, n: int) -> list[str]:
+    try:
+        with open(path, errors="replace") as f:
+            return [l.rstrip("\n") for l in f.readlines()[-n:]]
+    except OSError:
+        return []
+
+
+# ---------------------------------------------------------------------------- collect
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        out.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        pass  # a torn last line of a killed run
+    except OSError:
+        pass
+    return out
+
+
+def _nanmean(xs) -> float:
+    xs = [x for x in xs if x is not None and x == x]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _pool_size(run: RunSpec) -> int | None:
+    """Usable training samples, as the trainer logged them (else the plan's count)."""
+    for line in _tail(os.path.join(run.dir, "log.txt"), 10**6):
+        m = re.search(r"\| train (\d+) samples \|", line)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+_LABELS: dict[str, tuple | None] = {}
+
+
+def _labels(train_spec: str | None) -> tuple[list, list] | None:
+    """Per-example (defect, task) labels of the training data (the demo set carries both), else None."""
+    if not train_spec:
+        return None
+    if train_spec not in _LABELS:
+        try:
+            from optbatch_ds.data import load_examples
+
+            examples = load_examples(train_spec)
+            defects = [e.meta.get("defect") for e in examples]
+            _LABELS[train_spec] = (defects, [e.task for e in examples]) if any(d is not None for d in defects) else None
+        except Exception:  # a diagnostic only: never fail the report over it
+            _LABELS[train_spec] = None
+    return _LABELS[train_spec]
+
+
+def trained_mix(run_dir: str) -> tuple[float, dict[str, float]]:
+    """Share of the trained samples labelled defective, and the share of each task among them.
+
+    (nan, {}) without labels. The pool's mix is the dataset's (every sample is scored once per epoch),
+    so a task's share moving away from its dataset share is the selection's doing."""
+    cfg = _read_json(os.path.join(run_dir, "config.json")) or {}
+    labels = _labels(cfg.get("train_data"))
+    if labels is None:
+        return float("nan"), {}
+    defects, tasks = labels
+    bad = total = 0
+    per_task: dict[str, int] = {}
+    for line in _read_jsonl(os.path.join(run_dir, "selection.jsonl")):
+        for i in line.get("selected", []):
+            total += 1
+            bad += defects[i] not in (None, "none")
+            per_task[tasks[i]] = per_task.get(tasks[i], 0) + 1
+    if not total:
+        return float("nan"), {}
+    return bad / total, {t: n / total for t, n in sorted(per_task.items())}
+
+
+def collect_run(run: RunSpec, tasks_seen: set) -> dict:
+    """One row: identity, status, final held-out metrics, totals, time breakdown, and the eval curve."""
+    st = _read_json(os.path.join(run.dir, "bench_status.json")) or {}
+    ev = _read_json(os.path.join(run.dir, "eval.json"))
+    status = "ok" if ev is not None else st.get("status", "not run")
+    row: dict = {"run": run.name, "label": run.label, "method": run.variant.method,
+                 "ablation": ",".join(f"{k}={_fmt_value(v)}" for k, v in run.variant.overrides.items()),
+                 "prune_ratio": run.prune_ratio, "seed": run.seed, "status": status,
+                 "train_batch_size": run.train_batch_size, "candidates": run.candidates}
+    metrics = _read_jsonl(os.path.join(run.dir, "metrics.jsonl"))
+    last = metrics[-1] if metrics else {}
+    pool = _pool_size(run)
+    per_epoch = pool // run.candidates if pool else run.steps_per_epoch
+    row["steps"] = last.get("step", 0)
+    row["epochs"] = row["steps"] / per_epoch if per_epoch else float("nan")
+    if ev is not None:
+        tasks = ev.get("tasks", {})
+        tasks_seen.update(tasks)
+        row["heldout_loss"] = ev.get("loss")
+        for key, name in (("exact_match", "em"), ("bleu4", "bleu4"), ("rougeL", "rougeL")):
+            row[f"{name}_mean"] = _nanmean([t.get(key) for t in tasks.values()])
+            for task, t in tasks.items():
+                row[f"{name}_{task}"] = t.get(key)
+        for task, t in tasks.items():
+            row[f"loss_{task}"] = t.get("loss")
+    for key in ("samples_trained", "samples_scored", "tokens_trained", "flops"):
+        row[key] = last.get(key, 0)
+    cum_wall, wall_at = 0.0, {}
+    sums = dict.fromkeys(TIME_PARTS, 0.0)
+    for m in metrics:
+        t = m.get("time", {})
+        for k in TIME_PARTS:
+            sums[k] += float(t.get(k, 0.0) or 0.0)
+        cum_wall += float(t.get("total", 0.0) or 0.0)
+        wall_at[m.get("step")] = (cum_wall, m.get("flops", 0.0))
+    row["wall_s"] = sums["total"]  # training time: the steps themselves, without start-up and evaluations
+    for k in TIME_PARTS[:-1]:
+        row[f"time_{k}"] = sums[k]
+    history = []
+    for h in _read_jsonl(os.path.join(run.dir, "eval_history.jsonl")):
+        step = h.get("step")
+        if step not in wall_at:
+            continue
+        history.append({"step": step, "epoch": step / per_epoch if per_epoch else float("nan"),
+                        "wall_s": wall_at[step][0], "flops": wall_at[step][1], "loss": h.get("loss"),
+                        "em_mean": _nanmean([t.get("exact_match") for t in h.get("tasks", {}).values()])})
+    row["defective_trained"], mix = trained_mix(run.dir)
+    for task, share in mix.items():
+        row[f"mix_{task}"] = share
+    row["eval_s"] = sum(float(h.get("seconds", 0.0) or 0.0) for h in _read_jsonl(os.path.join(run.dir, "eval_history.jsonl")))
+    row["elapsed_s"] = st.get("elapsed_s", float("nan"))
+    row["run_dir"] = run.dir
+    row["history"] = history
+    return row
+
+
+# ---------------------------------------------------------------------------- tabulate
+
+def _mean_std(xs) -> tuple[float, float]:
+    xs = [float(x) for x in xs if x is not None and x == x]
+    if not xs:
+        return float("nan"), float("nan")
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan")
+    return m, sd
+
+
+def summarize(rows: list[dict], tasks: list[str]) -> list[dict]:
+    """Mean and std over seeds per (variant, prune ratio), with compute relative to full-data training."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["label"], r["prune_ratio"]), []).append(r)
+    keys = (["heldout_loss", "em_mean", "bleu4_mean", "rougeL_mean"] + [f"em_{t}" for t in tasks]
+            + [f"loss_{t}" for t in tasks] + [f"mix_{t}" for t in tasks]
+            + [f"bleu4_{t}" for t in tasks] + [f"rougeL_{t}" for t in tasks]
+            + ["samples_trained", "samples_scored", "flops", "wall_s", "epochs", "defective_trained"] + [f"time_{k}" for k in TIME_PARTS[:-1]])
+    out = []
+    for (label, ratio), rs in groups.items():
+        ok = [r for r in rs if r["status"] == "ok"]
+        s = {"label": label, "method": rs[0]["method"], "ablation": rs[0]["ablation"], "prune_ratio": ratio,
+             "runs": len(rs), "ok": len(ok), "failed": [r["run"] for r in rs if r["status"] not in ("ok", "not run")]}
+        for k in keys:
+            s[k], s[k + "_std"] = _mean_std([r.get(k) for r in ok])
+        out.append(s)
+    full = [s for s in out if s["method"] == "full" and s["ok"]]
+    for s in out:
+        for k in ("flops", "wall_s"):
+            base = full[0][k] if full else float("nan")
+            s[k + "_vs_full"] = s[k] / base if base and base == base else float("nan")
+    return out
+
+
+def _cell(m: float, sd: float = float("nan"), fmt: str = "{:.3f}") -> str:
+    if m != m:
+        return "–"
+    return fmt.format(m) + ("" if sd != sd else " ± " + fmt.format(sd))
+
+
+def _sci(x: float) -> str:
+    return "–" if x != x else f"{x:.3g}"
+
+
+def full_curve(rows: list[dict]) -> list[dict]:
+    """Held-out loss and EM of the full-data runs at each evaluation, mean over seeds."""
+    by_step: dict[int, list[dict]] = {}
+    for r in rows:
+        if r["method"] == "full" and r["status"] == "ok":
+            for h in r["history"]:
+                by_step.setdefault(h["step"], []).append(h)
+    return [{"step": s, "epoch": _nanmean([h["epoch"] for h in hs]), "loss": _nanmean([h["loss"] for h in hs]),
+             "em_mean": _nanmean([h["em_mean"] for h in hs]), "seeds": len(hs)} for s, hs in sorted(by_step.items())]
+
+
+def plateau_epoch(curve: list[dict], tol: float = 0.01) -> float | None:
+    """First epoch from which the held-out loss stays within tol (relative) of its best."""
+    losses = [c["loss"] for c in curve if c["loss"] == c["loss"]]
+    if len(losses) < 2:
+        return None
+    best = min(losses)
+    for i, c in enumerate(curve):
+        if all(d["loss"] <= best * (1 + tol) for d in curve[i:] if d["loss"] == d["loss"]):
+            return c["epoch"]
+    return None
+
+
+def plateau_note(curve: list[dict]) -> str | None:
+    """Whether the epoch budget is past the point where full-data training stops improving."""
+    p = plateau_epoch(curve)
+    if p is None:
+        return None
+    if len(curve) > 1 and p >= curve[-1]["epoch"] - 1e-9:
+        return (f"Full-data held-out loss was still improving at the end of the budget ({curve[-1]['epoch']:.2f} "
+                "epochs): raise --epochs to compare where full-data training has stopped improving.")
+    return (f"Full-data held-out loss stays within 1% of its best from epoch {p:.2f} on "
+            f"(budget: {curve[-1]['epoch']:.2f} epochs).")
+
+
+def markdown(summary: list[dict], rows: list[dict], tasks: list[str], args, meta: dict) -> str:
+    lines = ["# OptBatch benchmark", "",
+             f"Command: `{meta['command']}`  ",
+             f"Machine: {meta['machine']}  ",
+             f"Data: {args.data or 'demo set'} (held-out: {args.eval_data or 'demo eval split'}); model: "
+             f"{args.model or 'built-in small Llama'}; budget: "
+             + (f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.epochs:g} epochs")
+             + f"; {args.nproc} rank(s); {meta['finished']}.", "",
+             "Mean ± std over seeds (std only with 2+ seeds). EM, BLEU-4 and ROUGE-L are in percent, their "
+             "unlabelled columns are the mean over tasks. FLOPs are the trainer's estimate (6·N per trained token "
+             "+ 2·N per scored token); wall s is the training steps' own time (start-up and evaluations "
+             "excluded); ×full is the mean relative to full-data training. \"defective trained\" is the share of trained "
+             "samples whose record is labelled defective (duplicate, misaligned, truncated; demo data only).", "",
+             "## Quality and compute", ""]
+    head = (["method", "α", "ok", "held-out loss", "EM"] + [f"EM {t}" for t in tasks]
+            + ["BLEU-4", "ROUGE-L", "defective trained", "samples trained", "FLOPs", "FLOPs ×full", "wall s",
+               "wall ×full"])
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        cells = [s["label"], f"{s['prune_ratio']:.2f}", f"{s['ok']}/{s['runs']}",
+                 _cell(s["heldout_loss"], s["heldout_loss_std"], "{:.4f}"),
+                 _cell(s["em_mean"], s["em_mean_std"], "{:.1f}")]
+        cells += [_cell(s[f"em_{t}"], s[f"em_{t}_std"], "{:.1f}") for t in tasks]
+        cells += [_cell(s["bleu4_mean"], s["bleu4_mean_std"], "{:.1f}"), _cell(s["rougeL_mean"], s["rougeL_mean_std"], "{:.1f}"),
+                  _cell(100 * s["defective_trained"], fmt="{:.1f}%"),
+                  _cell(s["samples_trained"], float("nan"), "{:.0f}"), _sci(s["flops"]),
+                  _cell(s["flops_vs_full"], fmt="{:.2f}"), _cell(s["wall_s"], s["wall_s_std"], "{:.1f}"),
+                  _cell(s["wall_s_vs_full"], fmt="{:.2f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Per task: held-out loss, and each task's share of the trained samples", "",
+              "Every sample is scored once per epoch, so the candidates' task mix is the dataset's (full-data "
+              "training's row); a share that moves away from it is the selection's doing.", ""]
+    head = ["method", "α"] + [f"loss {t}" for t in tasks] + [f"share {t}" for t in tasks]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        cells = [s["label"], f"{s['prune_ratio']:.2f}"]
+        cells += [_cell(s[f"loss_{t}"], s[f"loss_{t}_std"], "{:.3f}") for t in tasks]
+        cells += [_cell(100 * s[f"mix_{t}"], fmt="{:.1f}%") for t in tasks]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Where the time goes (s per run, summed over steps, mean over seeds)", ""]
+    parts = list(TIME_PARTS[:-1])
+    lines += ["| method | α | " + " | ".join(parts) + " | total |", "|" + "---|" * (len(parts) + 3)]
+    for s in summary:
+        lines.append(f"| {s['label']} | {s['prune_ratio']:.2f} | "
+                     + " | ".join(_cell(s[f"time_{k}"], fmt="{:.2f}") for k in parts) + f" | {_cell(s['wall_s'], fmt='{:.2f}')} |")
+    curve = full_curve(rows)
+    if curve:
+        lines += ["", "## Full-data training on the held-out split (the epoch budget)", "",
+                  "| step | epoch | held-out loss | EM | seeds |", "|---|---|---|---|---|"]
+        lines += [f"| {c['step']} | {_cell(c['epoch'], fmt='{:.2f}')} | {_cell(c['loss'], fmt='{:.4f}')} | "
+                  f"{_cell(c['em_mean'], fmt='{:.1f}')} | {c['seeds']} |" for c in curve]
+        note = plateau_note(curve)
+        if note:
+            lines += ["", note]
+    failed = [r for r in rows if r["status"] not in ("ok", "not run")]
+    lines += ["", "## Failed runs", ""]
+    lines += [f"- {r['run']}: {r['status']} (see {os.path.join(r['run_dir'], 'failure.txt')})" for r in failed] or ["none"]
+    lines += ["", "## Plots", "", "![quality vs prune ratio](quality_vs_ratio.png)", "",
+              "![quality vs compute](quality_vs_time.png)", "", "![held-out curve](heldout_vs_epoch.png)", ""]
+    return "\n".join(lines)
+
+
+def _clean(x):
+    """NaN -> None so results.json is strict JSON."""
+    if isinstance(x, float) and (x != x or x in (math.inf, -math.inf)):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean(v) for v in x]
+    return x
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_clean(obj), f, indent=2)
+    os.replace(tmp, path)
+
+
+def write_csv(path: str, rows: list[dict], tasks: list[str]) -> None:
+    cols = ["run", "label", "method", "ablation", "prune_ratio", "seed", "status", "steps", "epochs",
+            "heldout_loss", "em_mean", "bleu4_mean", "rougeL_mean"]
+    cols += [f"{m}_{t}" for m in ("em", "bleu4", "rougeL", "loss", "mix") for t in tasks]
+    cols += ["defective_trained", "samples_trained", "samples_scored", "tokens_trained", "flops", "wall_s"]
+    cols += [f"time_{k}" for k in TIME_PARTS[:-1]] + ["eval_s", "elapsed_s", "train_batch_size", "candidates", "run_dir"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if isinstance(v, float) and v != v else v) for k, v in r.items()})
+
+
+# ---------------------------------------------------------------------------- plot
+
+def _group_histories(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """(label, ratio) -> eval points averaged over seeds, matched by step."""
+    out: dict[tuple, dict[int, list[dict]]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            for h in r["history"]:
+                out.setdefault((r["label"], r["prune_ratio"]), {}).setdefault(h["step"], []).append(h)
+    return {g: [{k: _nanmean([h[k] for h in hs]) for k in ("epoch", "wall_s", "flops", "loss", "em_mean")}
+                for _, hs in sorted(by_step.items())] for g, by_step in out.items()}
+
+
+def plot(out_dir: str, summary: list[dict], rows: list[dict], epochs_budget: float | None) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(s["label"] for s in summary))
+    colors = {l: plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")(i % 20) for i, l in enumerate(labels)}
+    paths = []
+
+    # 1. quality against prune ratio, error bars = std over seeds
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, title in ((axes[0], "heldout_loss", "held-out loss (lower is better)"),
+                           (axes[1], "em_mean", "exact match, mean over tasks (%)")):
+        for label in labels:
+            pts = sorted((s["prune_ratio"], s[key], s[key + "_std"]) for s in summary
+                         if s["label"] == label and s[key] == s[key])
+            if not pts:
+                continue
+            x, y, e = zip(*pts)
+            e = [0.0 if v != v else v for v in e]
+            if label == "full":
+                ax.axhline(y[0], color=colors[label], ls="--", lw=1, label="full (α = 0)")
+                ax.axhspan(y[0] - e[0], y[0] + e[0], color=colors[label], alpha=0.12)
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=colors[label], label=None if label == "full" else label,
+                        ls="-" if len(x) > 1 else "none")
+        xs = [s["prune_ratio"] for s in summary] or [0.0]
+        ax.set_xlim(-0.03, max(xs) + 0.05)
+        ax.set_xlabel("prune ratio α")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    if any(ax.get_legend_handles_labels()[0] for ax in axes):
+        axes[1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "quality_vs_ratio.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    # 2. quality against compute: time to quality (wall) and FLOPs to quality
+    hist = _group_histories(rows)
+    ratios = sorted({g[1] for g in hist})
+    styles = {r: st for r, st in zip(ratios, ["-", "--", "-.", ":"] * 8)}
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for (label, ratio), pts in sorted(hist.items()):
+        for ax, xk, yk in ((axes[0, 0], "wall_s", "loss"), (axes[0, 1], "wall_s", "em_mean"),
+                           (axes[1, 0], "flops", "loss"), (axes[1, 1], "flops", "em_mean")):
+            ax.plot([p[xk] for p in pts], [p[yk] for p in pts], marker="o", ms=3, ls=styles[ratio],
+                    color=colors.get(label), label=f"{label} α={ratio:.2f}")
+    for ax, xl, yl in ((axes[0, 0], "training wall time (s)", "held-out loss"),
+                       (axes[0, 1], "training wall time (s)", "exact match (%)"),
+                       (axes[1, 0], "estimated FLOPs", "held-out loss"), (axes[1, 1], "estimated FLOPs", "exact match (%)")):
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+    if hist:
+        axes[0, 1].legend(fontsize=6, loc="best", ncol=2)
+    fig.suptitle("quality at equal compute (mean over seeds at each evaluation)")
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "quality_vs_time.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    # 3. held-out curves against epochs: where full-data training stops improving
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (label, ratio), pts in sorted(hist.items()):
+        full = label == "full"
+        for ax, yk in ((axes[0], "loss"), (axes[1], "em_mean")):
+            ax.plot([p["epoch"] for p in pts], [p[yk] for p in pts], marker="o", ms=3, ls=styles[ratio],
+                    lw=2.5 if full else 1, color="black" if full else colors.get(label),
+                    alpha=1 if full else 0.6, label=f"{label}" + ("" if full else f" α={ratio:.2f}"))
+    for ax, yl in ((axes[0], "held-out loss"), (axes[1], "exact match (%)")):
+        if epochs_budget:
+            ax.axvline(epochs_budget, color="grey", ls=":", lw=1)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+    if hist:
+        axes[1].legend(fontsize=6, loc="best", ncol=2)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "heldout_vs_epoch.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+# ---------------------------------------------------------------------------- report
+
+def _machine() -> str:
+    try:
+        import torch
+
+        dev = (f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
+               else "CPU only")
+        versions = f"torch {torch.__version__}"
+    except Exception:
+        dev, versions = "unknown device", ""
+    try:
+        from importlib.metadata import version
+
+        versions += f", deepspeed {version('deepspeed')}"
+    except Exception:
+        pass
+    return f"{platform.node()} ({platform.platform()}, {os.cpu_count()} CPU cores, {dev}; {versions})"
+
+
+def report(plan: list[RunSpec], args, argv: list[str]) -> tuple[list[dict], list[dict]]:
+    tasks_seen: set = set()
+    rows = [collect_run(r, tasks_seen) for r in plan]
+    tasks = sorted(tasks_seen)
+    for r in rows:  # every row has every task column, missing = NaN
+        for m in ("em", "bleu4", "rougeL", "loss", "mix"):
+            for t in tasks:
+                r.setdefault(f"{m}_{t}", float("nan"))
+        for k in ("heldout_loss", "em_mean", "bleu4_mean", "rougeL_mean"):
+            r.setdefault(k, float("nan"))
+    summary = summarize(rows, tasks)
+    meta = {"command": "python launch/bench.py " + shlex.join(argv), "machine": _machine(),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    write_csv(os.path.join(args.out, "results.csv"), rows, tasks)
+    curve = full_curve(rows)
+    _write_json(os.path.join(args.out, "results.json"),
+                {"meta": meta, "args": {k: v for k, v in vars(args).items()}, "tasks": tasks, "summary": summary,
+                 "runs": rows, "full_curve": curve, "full_plateau_epoch": plateau_epoch(curve)})
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(markdown(summary, rows, tasks, args, meta))
+    plot(args.out, summary, rows, None if args.max_steps > 0 else args.epochs)
+    return rows, summary
