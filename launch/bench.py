@@ -1,7 +1,9 @@
 """Benchmark grid: methods x prune ratios x seeds, each run through launch/train.py and the deepspeed launcher.
 
 Run as:
-    python launch/bench.py                                         # full grid on the demo set: 6 methods x (0.2,0.3,0.5,0.7) x 3 seeds, 2 CPU ranks
+    python launch/bench.py                                         # full grid on the demo set: 6 methods x (0.2,0.3,0.5,0.7) x 3 seeds, 10 epochs, 2 CPU ranks
+    python launch/bench.py --nproc 1 --jobs 2 --deepspeed ds_configs/bench_1rank.json \
+        --eval-samples-per-task 50 --out bench_out/e10                # the same grid as BENCHMARKS.md ran it: 2 one-rank runs at a time
     python launch/bench.py --dry-run                               # print the plan (runs, estimated time) only
     python launch/bench.py --methods full,random,optbatch --ratios 0.3,0.5 --seeds 2 --epochs 2 --out bench_out/small
     python launch/bench.py --methods full,optbatch --ablations     # + optbatch:strata=1, :within=random, :quotas=uniform,

@@ -201,10 +201,15 @@ def summarize(rows: list[dict], tasks: list[str]) -> list[dict]:
             s[k], s[k + "_std"] = _mean_std([r.get(k) for r in ok])
         out.append(s)
     full = [s for s in out if s["method"] == "full" and s["ok"]]
+    curve = full_curve(rows)
     for s in out:
         for k in ("flops", "wall_s"):
             base = full[0][k] if full else float("nan")
             s[k + "_vs_full"] = s[k] / base if base and base == base else float("nan")
+        # compute at equal quality: what full-data training spent to reach this run's final held-out loss
+        s["full_flops_same_loss"], s["full_wall_same_loss"] = full_cost_to_reach(curve, s["heldout_loss"])
+        f = s["full_flops_same_loss"]
+        s["flops_saved_same_loss"] = 1.0 - s["flops"] / f if f == f and f > 0 else float("nan")
     return out
 
 
@@ -212,6 +217,14 @@ def _cell(m: float, sd: float = float("nan"), fmt: str = "{:.3f}") -> str:
     if m != m:
         return "–"
     return fmt.format(m) + ("" if sd != sd else " ± " + fmt.format(sd))
+
+
+def _saved_cell(s: dict) -> str:
+    if s["method"] == "full":
+        return "–"
+    if s["full_flops_same_loss"] != s["full_flops_same_loss"]:
+        return "full never this low" if s["heldout_loss"] == s["heldout_loss"] else "–"
+    return f"{100 * s['flops_saved_same_loss']:+.0f}%"
 
 
 def _sci(x: float) -> str:
@@ -226,19 +239,36 @@ def full_curve(rows: list[dict]) -> list[dict]:
             for h in r["history"]:
                 by_step.setdefault(h["step"], []).append(h)
     return [{"step": s, "epoch": _nanmean([h["epoch"] for h in hs]), "loss": _nanmean([h["loss"] for h in hs]),
-             "em_mean": _nanmean([h["em_mean"] for h in hs]), "seeds": len(hs)} for s, hs in sorted(by_step.items())]
+             "em_mean": _nanmean([h["em_mean"] for h in hs]), "flops": _nanmean([h["flops"] for h in hs]),
+             "wall_s": _nanmean([h["wall_s"] for h in hs]), "seeds": len(hs)} for s, hs in sorted(by_step.items())]
+
+
+def full_cost_to_reach(curve: list[dict], loss: float) -> tuple[float, float]:
+    """(FLOPs, training wall s) full-data training needed to first reach `loss` on its mean held-out curve.
+
+    Linear interpolation between its evaluations; (nan, nan) when it never gets that low (the method
+    beat full-data training's best) or the loss is below nothing measured. The first evaluation is
+    taken as reached at its own cost even if `loss` is higher (no point before it is known)."""
+    pts = [c for c in curve if c["loss"] == c["loss"] and c["flops"] == c["flops"]]
+    if not pts or loss != loss:
+        return float("nan"), float("nan")
+    if pts[0]["loss"] <= loss:
+        return pts[0]["flops"], pts[0]["wall_s"]
+    for a, b in zip(pts, pts[1:]):
+        if b["loss"] <= loss:
+            t = (a["loss"] - loss) / (a["loss"] - b["loss"])
+            return a["flops"] + t * (b["flops"] - a["flops"]), a["wall_s"] + t * (b["wall_s"] - a["wall_s"])
+    return float("nan"), float("nan")
 
 
 def plateau_epoch(curve: list[dict], tol: float = 0.01) -> float | None:
-    """First epoch from which the held-out loss stays within tol (relative) of its best."""
-    losses = [c["loss"] for c in curve if c["loss"] == c["loss"]]
-    if len(losses) < 2:
+    """First epoch at which the held-out loss is within tol (relative) of its best: no later evaluation
+    improves on it by more than tol (later ones may be worse: overfitting)."""
+    pts = [c for c in curve if c["loss"] == c["loss"]]
+    if len(pts) < 2:
         return None
-    best = min(losses)
-    for i, c in enumerate(curve):
-        if all(d["loss"] <= best * (1 + tol) for d in curve[i:] if d["loss"] == d["loss"]):
-            return c["epoch"]
-    return None
+    best = min(c["loss"] for c in pts)
+    return next(c["epoch"] for c in pts if c["loss"] <= best * (1 + tol))
 
 
 def plateau_note(curve: list[dict]) -> str | None:
@@ -246,11 +276,14 @@ def plateau_note(curve: list[dict]) -> str | None:
     p = plateau_epoch(curve)
     if p is None:
         return None
-    if len(curve) > 1 and p >= curve[-1]["epoch"] - 1e-9:
-        return (f"Full-data held-out loss was still improving at the end of the budget ({curve[-1]['epoch']:.2f} "
+    pts = [c for c in curve if c["loss"] == c["loss"]]
+    last, best = pts[-1], min(pts, key=lambda c: c["loss"])
+    if p >= last["epoch"] - 1e-9:
+        return (f"Full-data held-out loss was still improving at the end of the budget ({last['epoch']:.2f} "
                 "epochs): raise --epochs to compare where full-data training has stopped improving.")
-    return (f"Full-data held-out loss stays within 1% of its best from epoch {p:.2f} on "
-            f"(budget: {curve[-1]['epoch']:.2f} epochs).")
+    return (f"Full-data held-out loss stopped improving (within 1% of its best) at epoch {p:.2f}; best "
+            f"{best['loss']:.4f} at epoch {best['epoch']:.2f}, {last['loss']:.4f} at the end of the budget "
+            f"({last['epoch']:.2f} epochs).")
 
 
 def markdown(summary: list[dict], rows: list[dict], tasks: list[str], args, meta: dict) -> str:
@@ -264,12 +297,14 @@ def markdown(summary: list[dict], rows: list[dict], tasks: list[str], args, meta
              "Mean ± std over seeds (std only with 2+ seeds). EM, BLEU-4 and ROUGE-L are in percent, their "
              "unlabelled columns are the mean over tasks. FLOPs are the trainer's estimate (6·N per trained token "
              "+ 2·N per scored token); wall s is the training steps' own time (start-up and evaluations "
-             "excluded); ×full is the mean relative to full-data training. \"defective trained\" is the share of trained "
+             "excluded); ×full is the mean relative to full-data training. \"FLOPs saved at equal loss\" compares a "
+             "method's FLOPs with what full-data training needed to first reach the same mean held-out loss (linear "
+             "interpolation on its evaluation curve; negative: the method spent more). \"defective trained\" is the share of trained "
              "samples whose record is labelled defective (duplicate, misaligned, truncated; demo data only).", "",
              "## Quality and compute", ""]
     head = (["method", "α", "ok", "held-out loss", "EM"] + [f"EM {t}" for t in tasks]
             + ["BLEU-4", "ROUGE-L", "defective trained", "samples trained", "FLOPs", "FLOPs ×full", "wall s",
-               "wall ×full"])
+               "wall ×full", "FLOPs saved at equal loss"])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         cells = [s["label"], f"{s['prune_ratio']:.2f}", f"{s['ok']}/{s['runs']}",
@@ -280,7 +315,7 @@ def markdown(summary: list[dict], rows: list[dict], tasks: list[str], args, meta
                   _cell(100 * s["defective_trained"], fmt="{:.1f}%"),
                   _cell(s["samples_trained"], float("nan"), "{:.0f}"), _sci(s["flops"]),
                   _cell(s["flops_vs_full"], fmt="{:.2f}"), _cell(s["wall_s"], s["wall_s_std"], "{:.1f}"),
-                  _cell(s["wall_s_vs_full"], fmt="{:.2f}")]
+                  _cell(s["wall_s_vs_full"], fmt="{:.2f}"), _saved_cell(s)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Per task: held-out loss, and each task's share of the trained samples", "",
               "Every sample is scored once per epoch, so the candidates' task mix is the dataset's (full-data "

@@ -37,7 +37,8 @@ extra state: the draw and the selection are pure functions of (seed, global step
 
 The training batches are right-padded from each row's `input_ids` and `labels` (other columns and the
 Trainer's data_collator are not used for training; evaluation is untouched); the loss is the Trainer's
-own, except for infobatch, whose per-sample weights need a per-sample loss (`compute_loss`). Rows with no
+own, except with per-sample weights (infobatch; optbatch with reweight "strata"), which need a per-sample
+loss (`compute_loss`). Rows with no
 supervised label are left out of the pool and counted (warning). Every training log line (logging_steps)
 gains `optbatch/*` entries averaged over the steps since the previous one (mean candidate and selected
 loss, stratum quotas, scoring and selection seconds); rank 0 appends one line per step to
@@ -54,7 +55,6 @@ from types import SimpleNamespace
 import torch
 from transformers import Trainer
 
-from optbatch_ds import comm
 from optbatch_ds.config import ConfigError, OptBatchConfig, num_candidates
 
 logger = logging.getLogger(__name__)
@@ -305,7 +305,7 @@ class OptBatchMixin:
                                         num_items_in_batch=num_items_in_batch)
         from optbatch_ds.trainer import per_sample_nll
 
-        # infobatch: the kept low-loss samples count 1 / (1 - r) times; a per-rank mean of weighted
+        # infobatch / reweight "strata": a sample counts w times (mean 1 over the batch); a per-rank mean of weighted
         # per-sample losses, which DDP / DeepSpeed average over ranks.
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         per = per_sample_nll(outputs.logits, inputs["labels"])

@@ -1,0 +1,43 @@
+"""The benchmark report's arithmetic: compute at equal quality, plateau detection, mean ± std."""
+import math
+
+import pytest
+
+from optbatch_ds.bench_report import _mean_std, full_cost_to_reach, plateau_epoch, plateau_note
+
+pytestmark = pytest.mark.unit
+
+CURVE = [{"epoch": e, "loss": l, "flops": f, "wall_s": w}
+         for e, l, f, w in ((1, 2.0, 100.0, 10.0), (2, 1.0, 200.0, 20.0), (3, 0.8, 300.0, 30.0), (4, 0.9, 400.0, 40.0))]
+
+
+@pytest.mark.parametrize("loss,flops,wall", [
+    (2.5, 100.0, 10.0),   # above the first evaluation: reached there (nothing earlier is known)
+    (2.0, 100.0, 10.0),
+    (1.5, 150.0, 15.0),   # halfway between 2.0 and 1.0
+    (0.9, 250.0, 25.0),   # first crossing, not the later 0.9 at epoch 4
+    (0.8, 300.0, 30.0),
+])
+def test_full_cost_to_reach_interpolates_the_first_crossing(loss, flops, wall):
+    assert full_cost_to_reach(CURVE, loss) == pytest.approx((flops, wall))
+
+
+def test_full_cost_to_reach_is_nan_below_full_best_and_without_data():
+    assert all(math.isnan(x) for x in full_cost_to_reach(CURVE, 0.79))
+    assert all(math.isnan(x) for x in full_cost_to_reach([], 1.0))
+    assert all(math.isnan(x) for x in full_cost_to_reach(CURVE, float("nan")))
+
+
+def test_plateau_epoch_is_where_loss_stays_within_tolerance_of_best():
+    assert plateau_epoch(CURVE, tol=0.01) == 3      # the best; the rise after it (overfitting) does not matter
+    assert plateau_epoch(CURVE, tol=0.3) == 2       # 1.0 is within 30% of 0.8
+    assert plateau_epoch(CURVE[:1]) is None
+    assert "stopped improving" in plateau_note(CURVE) and "0.8000 at epoch 3" in plateau_note(CURVE)
+    assert "still improving" in plateau_note(CURVE[:3])
+
+
+def test_mean_std_is_sample_std_and_skips_nan():
+    m, sd = _mean_std([1.0, 2.0, 3.0, float("nan"), None])
+    assert m == 2.0 and sd == pytest.approx(1.0)
+    m, sd = _mean_std([5.0])
+    assert m == 5.0 and math.isnan(sd)
