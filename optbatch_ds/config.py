@@ -45,6 +45,10 @@ class OptBatchConfig:
     prune_ratio: float = _help("Fraction alpha of every candidate pool that is not trained on, in [0, 1).", 0.3)
     strata: int = _help("K, the number of loss-quantile strata (1 disables stratification).", 3)
     temperature: float = _help("tau of the exp(loss / tau) quota draw; 'inf' gives a flat draw.", 1.0)
+    temperature_end: float | None = _help(
+        "tau at the last step: 1/tau moves linearly from 1/temperature to 1/temperature_end over training; "
+        "negative favours LOW loss (late in training the highest losses are mostly defects); 'inf' = flat; "
+        "null = constant temperature.", None)
     quotas: str = _help("'exp_loss' (quotas from an exp(loss/tau) draw) or 'uniform' (ablation).", "exp_loss")
     within: str = _help("'farthest' (farthest-point inside strata) or 'random' (ablation).", "farthest")
     distance: str = _help("Distance in sketch space: 'euclidean' or 'cosine'.", "euclidean")
@@ -87,6 +91,13 @@ class OptBatchConfig:
             bad("strata", f"{self.strata} must be >= 1")
         if not (self.temperature > 0):
             bad("temperature", f"{self.temperature} must be > 0")
+        if isinstance(self.temperature_end, str):
+            if self.temperature_end.lower() not in ("inf", "infinity"):
+                bad("temperature_end", f"expected a nonzero number, 'inf' or null, got '{self.temperature_end}'")
+            self.temperature_end = math.inf
+        if self.temperature_end is not None and not (self.temperature_end == self.temperature_end
+                                                     and self.temperature_end != 0):
+            bad("temperature_end", f"{self.temperature_end} must be a nonzero number, 'inf' or null")
         for key, allowed in (("quotas", ("exp_loss", "uniform")), ("within", ("farthest", "random")),
                              ("distance", ("euclidean", "cosine")), ("feature", FEATURES),
                              ("reweight", ("none", "strata"))):
@@ -127,6 +138,7 @@ class OptBatchConfig:
         from optbatch_ds.selection import SelectionConfig
 
         return SelectionConfig(method=self.method, strata=self.strata, temperature=self.temperature,
+                               temperature_end=self.temperature_end,
                                quotas=self.quotas, within=self.within, distance=self.distance,
                                reweight=self.reweight, outlier_fence=self.outlier_fence, seed=self.seed)
 

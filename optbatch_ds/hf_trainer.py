@@ -239,6 +239,7 @@ class OptBatchMixin:
         pad_id = 0 if pad_id is None else pad_id  # right padding is masked: any id will do
 
         scorer = self._scorer() if ob.needs_scores else None
+        st.selector.total_steps = self.state.max_steps  # training progress, for a temperature schedule
         choice = choose_batch(scorer, [self._row(i) for i in mine], step, ob, st.selector, st.c, st.b, pad_id=pad_id,
                               projection=self._projection(scorer) if scorer is not None else None,
                               score_bs=st.score_bs, curvature=self._curvature, timers=timers, rank=rank)

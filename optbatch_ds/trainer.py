@@ -25,7 +25,8 @@ from optbatch_ds.checkpoint import find_resume, load_rng, save_rng, write_comple
 
 
 _LOGGED_INFO = ("mean_loss_candidates", "mean_loss_selected", "quotas", "stratum_sizes", "diversity_kept",
-                "diversity_random", "excluded_nonfinite", "drop_rate", "suspects", "outlier_fence")
+                "diversity_random", "excluded_nonfinite", "drop_rate", "suspects", "outlier_fence",
+                "inverse_temperature")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -328,7 +329,7 @@ def train(run: RunConfig, rank: int, world: int, local_rank: int) -> dict | None
     stage3 = rs.ds.get("zero_optimization", {}).get("stage", 0) == 3
     projection = sketch_projection(engine.module, ob)
     sampler = EpochSampler(len(prep["pool"]), seed=run.seed)
-    selector = Selector(ob.selection_config())
+    selector = Selector(ob.selection_config(), total_steps=total_steps)
     score_bs = ob.score_batch_size or 2 * rs.micro_batch_size
 
     log0(f"optbatch_ds | world {world} | model {prep['model_path']} ({n_params / 1e6:.2f}M params) | "

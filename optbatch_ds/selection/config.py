@@ -36,6 +36,12 @@ class SelectionConfig:
         default=1.0,
         metadata={"help": "tau of the exp(loss / tau) quota draw (optbatch); inf = unweighted draw"},
     )
+    temperature_end: float | None = field(
+        default=None,
+        metadata={"help": "optbatch: tau at the end of training; 1/tau moves linearly from 1/temperature to "
+                          "1/temperature_end over training (negative: the draw prefers LOW loss; inf: unweighted). "
+                          "None = constant temperature"},
+    )
     quotas: str = field(
         default="exp_loss",
         metadata={"help": "optbatch stratum quotas: 'exp_loss' (draw ~ exp(loss/tau)) or 'uniform' (unweighted draw)"},
@@ -84,10 +90,26 @@ class SelectionConfig:
             raise ValueError(f"SelectionConfig.temperature={t!r} is not valid; expected a number > 0 (or inf)")
         if math.isnan(float(t)) or float(t) <= 0:
             raise ValueError(f"SelectionConfig.temperature={t!r} is not valid; expected a number > 0 (or inf)")
+        te = self.temperature_end
+        if te is not None:
+            if isinstance(te, (bool, np.bool_)) or not isinstance(te, (int, float, np.integer, np.floating)) \
+                    or math.isnan(float(te)) or float(te) == 0:
+                raise ValueError(f"SelectionConfig.temperature_end={te!r} is not valid; expected a nonzero number, "
+                                 "inf, or None")
+            object.__setattr__(self, "temperature_end", float(te))
         # Normalise numeric types so equality, hashing and JSON dumps are plain Python values.
         object.__setattr__(self, "temperature", float(t))
         object.__setattr__(self, "strata", int(self.strata))
         object.__setattr__(self, "seed", int(self.seed))
+
+    def inverse_temperature(self, progress: float) -> float:
+        """1/tau of the quota draw at `progress` in [0, 1] (fraction of training done): 1/temperature
+        throughout, or moving linearly to 1/temperature_end."""
+        start = 1.0 / self.temperature
+        if self.temperature_end is None:
+            return start
+        p = min(max(float(progress), 0.0), 1.0)
+        return (1.0 - p) * start + p * (1.0 / self.temperature_end)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -70,12 +70,12 @@ def _draw_in_strata(groups, quotas, generator) -> torch.Tensor:
     return torch.cat(picks)
 
 
-def _random(loss, sk, budget, config, generator):
+def _random(loss, sk, budget, config, generator, progress):
     perm = torch.randperm(loss.numel(), generator=generator, device=generator.device).cpu()
     return perm[:budget], None, {}
 
 
-def _online_hard(loss, sk, budget, config, generator):
+def _online_hard(loss, sk, budget, config, generator, progress):
     # Stable descending sort keeps equal losses in position order: ties go to the lower index.
     return torch.sort(loss, descending=True, stable=True).indices[:budget], None, {}
 
@@ -88,13 +88,13 @@ def _strata_info(loss, groups, quotas) -> dict:
     }
 
 
-def _ccs(loss, sk, budget, config, generator):
+def _ccs(loss, sk, budget, config, generator, progress):
     groups = loss_strata(loss, config.strata)
     quotas = even_quotas([g.numel() for g in groups], budget)
     return _draw_in_strata(groups, quotas, generator), None, _strata_info(loss, groups, quotas)
 
 
-def _infobatch(loss, sk, budget, config, generator):
+def _infobatch(loss, sk, budget, config, generator, progress):
     """Drop c - budget candidates at random from those below the mean loss; reweight kept low ones.
 
     If fewer than c - budget candidates are below the mean, all of them are dropped and the rest of
@@ -140,7 +140,7 @@ def loss_fence(loss: torch.Tensor, k: float) -> float:
     return q3 + k * (q3 - q1)
 
 
-def _optbatch(loss, sk, budget, config, generator):
+def _optbatch(loss, sk, budget, config, generator, progress):
     """Strata, exp(loss) quotas and farthest-point filling (DESIGN §2 step 4).
 
     With an outlier fence, candidates above it are set aside first: in instruction data the extreme
@@ -158,12 +158,16 @@ def _optbatch(loss, sk, budget, config, generator):
     # the fence may leave fewer candidates than strata; without a fence that is the caller's error
     strata = min(config.strata, inside.numel()) if config.outlier_fence > 0 else config.strata
     groups = loss_strata(sub_loss, strata)
-    quotas = exp_loss_quotas(sub_loss, groups, budget, config.temperature, config.quotas == "exp_loss", generator)
+    beta = config.inverse_temperature(progress)
+    tau = 1.0 / beta if beta != 0 else math.inf
+    quotas = exp_loss_quotas(sub_loss, groups, budget, tau, config.quotas == "exp_loss", generator)
     if config.within == "farthest":
         picks = farthest_fill(prepare_sketches(sk[inside], config.distance), groups, quotas)
     else:
         picks = _draw_in_strata(groups, quotas, generator)
     info = _strata_info(sub_loss, groups, quotas)
+    if config.temperature_end is not None:
+        info["inverse_temperature"] = beta
     if config.outlier_fence > 0:
         info.update(extra)
     weights = stratum_weights(groups, quotas, picks) if config.reweight == "strata" else None
@@ -196,7 +200,7 @@ _METHODS = {
 
 
 def select(losses, sketches, budget: int, config: SelectionConfig,
-           generator: torch.Generator | None) -> SelectionResult:
+           generator: torch.Generator | None, progress: float = 0.0) -> SelectionResult:
     """Choose `budget` of the c candidates.
 
     losses: (c,) per-candidate loss; sketches: (c, k) per-candidate sketch, or None for methods
@@ -204,6 +208,8 @@ def select(losses, sketches, budget: int, config: SelectionConfig,
     any sketch entry is NaN/inf are excluded first and counted in info["excluded_nonfinite"];
     if fewer than `budget` remain, SelectionError. `full` is not a selection: it needs
     budget == c and returns every candidate in order, finite or not (info["nonfinite"] counts them).
+    progress: the fraction of training done, in [0, 1]; only optbatch's temperature schedule
+    (temperature_end) reads it.
     Returns positions 0..c-1 into the candidate arrays; see SelectionResult.
     """
     if not isinstance(config, SelectionConfig):
@@ -237,7 +243,7 @@ def select(losses, sketches, budget: int, config: SelectionConfig,
             f"only {valid.numel()} of {c} candidates have a finite loss and sketch ({excluded} non-finite); "
             f"cannot select budget={budget}")
     local, weights, extra = _METHODS[config.method](
-        loss[valid], None if sk is None else sk[valid], budget, config, generator)
+        loss[valid], None if sk is None else sk[valid], budget, config, generator, progress)
     indices = valid[local]
     if weights is None:
         weights = np.ones(budget, dtype=np.float32)

@@ -20,15 +20,23 @@ class Selector:
     """Calls `select` with a generator seeded from (config.seed, step), so each step's choice is a
     pure function of seed and step and a resumed run chooses exactly as the original did."""
 
-    def __init__(self, config: SelectionConfig):
+    def __init__(self, config: SelectionConfig, total_steps: int | None = None):
         if not isinstance(config, SelectionConfig):
             raise TypeError(f"config must be a SelectionConfig, got {type(config).__name__}")
         self.config = config
+        self.total_steps = total_steps  # steps 1..total_steps; training progress for a temperature schedule
         self.calls = 0
         self.last_step = None
 
+    def progress(self, step: int) -> float:
+        """Fraction of training done at `step` (1-based): 0 at the first step, 1 at the last."""
+        if not self.total_steps or self.total_steps <= 1:
+            return 0.0
+        return min(max((int(step) - 1) / (self.total_steps - 1), 0.0), 1.0)
+
     def __call__(self, step: int, losses, sketches, budget: int) -> SelectionResult:
-        result = select(losses, sketches, budget, self.config, step_generator(self.config.seed, step))
+        result = select(losses, sketches, budget, self.config, step_generator(self.config.seed, step),
+                        progress=self.progress(step))
         self.calls += 1
         self.last_step = int(step)
         result.info["step"] = int(step)

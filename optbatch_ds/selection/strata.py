@@ -38,7 +38,8 @@ def gumbel_top_k(losses: torch.Tensor, budget: int, temperature: float, weighted
 
     Gumbel-top-k: keys = loss / tau + Gumbel noise, keep the `budget` largest keys. Works in log
     space, so large losses or small temperatures never overflow. weighted=False or tau=inf gives
-    an unweighted draw (keys = noise only); the generator is consumed identically either way.
+    an unweighted draw (keys = noise only); a negative tau favours low losses. The generator is
+    consumed identically either way.
     """
     gumbel = -torch.log(-torch.log(gumbel_uniforms(losses.numel(), generator)))
     keys = gumbel
