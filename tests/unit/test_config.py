@@ -1,5 +1,7 @@
 import json
 
+import math
+
 import pytest
 
 from optbatch_ds.config import ConfigError, OptBatchConfig, RunConfig, num_candidates, parse_args, planned_steps, resolve
@@ -48,10 +50,20 @@ def test_unknown_optbatch_key_names_nearest():
     ({"prune_ratio": 1.0}, "outside"), ({"prune_ratio": -0.1}, "outside"), ({"method": "optbach"}, "did you mean 'optbatch'"),
     ({"strata": 0}, "strata"), ({"temperature": 0}, "temperature"), ({"feature": "grad"}, "feature"),
     ({"sketch_dim": -1}, "sketch_dim"), ({"method": "random", "prune_ratio": 0.0}, "use method 'full'"),
+    ({"temperature_end": 0}, "temperature_end"), ({"temperature_end": "cold"}, "temperature_end"),
+    ({"reweight": "stratum"}, "did you mean 'strata'"),
 ])
 def test_bad_optbatch_values(section, match):
     with pytest.raises(ConfigError, match=match):
         OptBatchConfig.from_dict(section)
+
+
+def test_schedule_and_reweight_reach_the_selection_config():
+    sc = OptBatchConfig.from_dict({"temperature_end": "inf", "reweight": "strata"}).selection_config()
+    assert sc.temperature_end == math.inf and sc.reweight == "strata"
+    assert sc.inverse_temperature(0.0) == 1.0 and sc.inverse_temperature(1.0) == 0.0
+    sc = OptBatchConfig.from_dict({"temperature_end": -1}).selection_config()
+    assert sc.inverse_temperature(0.5) == 0.0 and sc.inverse_temperature(1.0) == -1.0
 
 
 def test_more_strata_than_candidates():

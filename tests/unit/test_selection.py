@@ -31,8 +31,9 @@ def gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def run(method="optbatch", losses=None, sketches=None, budget=10, seed=0, **kw):
-    return select(losses, sketches, budget, SelectionConfig(method=method, seed=seed, **kw), gen(seed))
+def run(method="optbatch", losses=None, sketches=None, budget=10, seed=0, progress=0.0, **kw):
+    return select(losses, sketches, budget, SelectionConfig(method=method, seed=seed, **kw), gen(seed),
+                  progress=progress)
 
 
 def ref_strata(losses, k):
@@ -311,6 +312,49 @@ def test_infobatch_fewer_low_than_needed_drops_all_low_then_others():
 def test_infobatch_equal_losses_have_no_low():
     res = run("infobatch", torch.ones(10), None, 6, 0)
     assert res.info["r"] == 0.0 and res.info["low_loss"] == 0 and np.all(res.weights == 1.0)
+
+
+# ---------------------------------------------------------------- optbatch temperature schedule
+
+@pytest.mark.parametrize("seed,c,budget,tau,tau_end,progress", [
+    (0, 60, 40, 1.0, -1.0, 0.0), (1, 60, 40, 1.0, -1.0, 0.25), (2, 60, 40, 1.0, -1.0, 0.5),
+    (3, 60, 40, 1.0, -1.0, 1.0), (4, 90, 30, 0.5, 2.0, 0.7), (5, 40, 20, 2.0, math.inf, 0.9),
+])
+def test_temperature_schedule_quotas_match_reference(seed, c, budget, tau, tau_end, progress):
+    losses, sketches = make_inputs(seed, c, 4)
+    res = run("optbatch", losses, sketches, budget, seed, temperature=tau, temperature_end=tau_end,
+              progress=progress)
+    beta = (1 - progress) / tau + progress / tau_end
+    eff = 1 / beta if beta != 0 else math.inf
+    groups = ref_strata(losses.numpy(), 3)
+    assert res.info["quotas"] == ref_quota_counts(losses.numpy(), groups, budget, eff, True, seed)
+    assert res.info["inverse_temperature"] == pytest.approx(beta)
+
+
+def test_temperature_schedule_ends_favouring_low_loss():
+    """1/tau from +2 to -2: the first step draws the high-loss stratum most, the last the low-loss one."""
+    losses = torch.linspace(0.0, 6.0, 300, dtype=torch.float64)
+    sketches = torch.randn(300, 4, generator=gen(0), dtype=torch.float64)
+    first = run("optbatch", losses, sketches, 100, 0, temperature=0.5, temperature_end=-0.5, progress=0.0)
+    last = run("optbatch", losses, sketches, 100, 0, temperature=0.5, temperature_end=-0.5, progress=1.0)
+    assert first.info["quotas"][2] > 80 and first.info["quotas"][0] < 10
+    assert last.info["quotas"][0] > 80 and last.info["quotas"][2] < 10
+    # without a schedule progress changes nothing
+    a = run("optbatch", losses, sketches, 100, 0, progress=0.0)
+    b = run("optbatch", losses, sketches, 100, 0, progress=1.0)
+    assert np.array_equal(a.indices, b.indices) and "inverse_temperature" not in a.info
+
+
+def test_selector_progress_runs_from_first_to_last_step():
+    sel = Selector(SelectionConfig(temperature_end=-1.0), total_steps=11)
+    assert [sel.progress(s) for s in (1, 6, 11, 50)] == [0.0, 0.5, 1.0, 1.0]
+    assert Selector(SelectionConfig()).progress(7) == 0.0  # total unknown: the schedule's start
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, float("nan"), "hot", True])
+def test_temperature_end_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="temperature_end"):
+        SelectionConfig(temperature_end=bad)
 
 
 # ---------------------------------------------------------------- optbatch reweight="strata"
