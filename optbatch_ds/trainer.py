@@ -305,9 +305,11 @@ def train(run: RunConfig, rank: int, world: int, local_rank: int) -> dict | None
     random.seed(run.seed)
     np.random.seed(run.seed)
 
-    # --- setup: data, model, config
-    prep = prepare_data_and_model(run, rank, local_rank, out)
+    # --- setup: config (checked before the data and model load: a typo costs seconds, not minutes), data, model
     accel = get_accelerator()
+    resolve(run, world, accelerator=accel.device_name(),
+            bf16_supported=bool(getattr(accel, "is_bf16_supported", lambda: False)()))
+    prep = prepare_data_and_model(run, rank, local_rank, out)
     rs: Resolved = resolve(run, world, accelerator=accel.device_name(),
                            bf16_supported=bool(getattr(accel, "is_bf16_supported", lambda: False)()),
                            num_train_samples=len(prep["pool"]))

@@ -208,3 +208,13 @@ def test_bad_config_refused_before_training(root, default_model, good_data, tmp_
     proc = train("--deepspeed", cfg, "--data", str(good_data), "--model", default_model["model"], *flags,
                  *([] if "--max-step" in flags else ["--max-steps", "2"]), out=out)
     print(assert_clean_refusal(proc, out, *needles))
+
+
+@pytest.mark.integration
+def test_bad_config_reported_before_the_data_is_read(root, tmp_path):
+    """A config mistake is named first, before any data or model loading (which can take minutes)."""
+    cfg = _derived_config(tmp_path / "strata.json", optbatch={"strata": 13})
+    out = root / "config_before_data"
+    proc = train("--deepspeed", cfg, "--data", str(tmp_path / "does_not_exist.jsonl"),
+                 "--model", str(tmp_path / "no_model_here"), "--max-steps", "2", out=out, timeout=120)
+    print(assert_clean_refusal(proc, out, '"optbatch".strata 13', "use strata <= 12"))
