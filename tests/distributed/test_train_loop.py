@@ -64,3 +64,22 @@ def test_resume_repeats_the_uninterrupted_run(runs):
     wa, wb = load_safetensors(full / "final"), load_safetensors(part / "final")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+def test_temperature_schedule_and_strata_weights_reach_the_training_step(runs, tmp_path):
+    """The trainer tells the selector how far training is (1/tau goes 1 -> -1 over 5 steps) and trains with
+    the stratified weights it returns; both ranks see the same."""
+    cfg = __import__("json").load(open("ds_configs/zero3.json"))
+    cfg["optbatch"].update(temperature_end=-1.0, reweight="strata")
+    path = tmp_path / "schedule.json"
+    path.write_text(__import__("json").dumps(cfg))
+    out = runs / "schedule"
+    argv = _argv(out, "--max-steps", "5")
+    argv[argv.index("ds_configs/zero3.json")] = str(path)
+    res = run_distributed(train_body, 2, args=(argv,), timeout=600)
+    assert res[0]["history"] == res[1]["history"]
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["inverse_temperature"] for m in metrics] == pytest.approx([1.0, 0.5, 0.0, -0.5, -1.0])
+    for line in read_jsonl(out / "selection.jsonl"):
+        w = line.get("weights", [1.0] * 16)
+        assert len(w) == 16 and sum(w) / 16 == pytest.approx(1.0, abs=1e-5)
