@@ -213,6 +213,29 @@ def summarize(rows: list[dict], tasks: list[str]) -> list[dict]:
     return out
 
 
+def paired_differences(rows: list[dict], key: str = "heldout_loss") -> list[dict]:
+    """Per (variant, ratio): mean ± std over seeds of run - full (same seed) and run - random (same seed
+    and ratio). Empty when there is nothing to pair."""
+    ok = [r for r in rows if r["status"] == "ok" and r.get(key) == r.get(key)]
+    full = {r["seed"]: r[key] for r in ok if r["method"] == "full" and not r["ablation"]}
+    rand = {(r["prune_ratio"], r["seed"]): r[key] for r in ok if r["method"] == "random" and not r["ablation"]}
+    groups: dict[tuple, list[dict]] = {}
+    for r in ok:
+        if r["method"] != "full":
+            groups.setdefault((r["label"], r["prune_ratio"]), []).append(r)
+    out = []
+    for (label, ratio), rs in groups.items():
+        d_full = [r[key] - full[r["seed"]] for r in rs if r["seed"] in full]
+        d_rand = [r[key] - rand[(ratio, r["seed"])] for r in rs
+                  if (ratio, r["seed"]) in rand and r["method"] != "random"]
+        if not d_full and not d_rand:
+            continue
+        (mf, sf), (mr, sr) = _mean_std(d_full), _mean_std(d_rand)
+        out.append({"label": label, "prune_ratio": ratio, "vs_full": mf, "vs_full_std": sf, "n_full": len(d_full),
+                    "vs_random": mr, "vs_random_std": sr, "n_random": len(d_rand)})
+    return out
+
+
 def _cell(m: float, sd: float = float("nan"), fmt: str = "{:.3f}") -> str:
     if m != m:
         return "–"
@@ -317,6 +340,16 @@ def markdown(summary: list[dict], rows: list[dict], tasks: list[str], args, meta
                   _cell(s["flops_vs_full"], fmt="{:.2f}"), _cell(s["wall_s"], s["wall_s_std"], "{:.1f}"),
                   _cell(s["wall_s_vs_full"], fmt="{:.2f}"), _saved_cell(s)]
         lines.append("| " + " | ".join(cells) + " |")
+    paired = paired_differences(rows)
+    if paired:
+        lines += ["", "## Paired by seed: held-out loss difference (negative = lower loss than the reference)", "",
+                  "A seed fixes the model initialisation and the data order for every method, so the per-seed "
+                  "difference removes the part of the spread that all methods share. Mean ± std over the seeds "
+                  "both runs have; n = number of such seeds.", "",
+                  "| method | α | − full | n | − random (same α) | n |", "|---|---|---|---|---|---|"]
+        for p in paired:
+            lines.append(f"| {p['label']} | {p['prune_ratio']:.2f} | {_cell(p['vs_full'], p['vs_full_std'], '{:+.4f}')} | "
+                         f"{p['n_full']} | {_cell(p['vs_random'], p['vs_random_std'], '{:+.4f}')} | {p['n_random']} |")
     lines += ["", "## Per task: held-out loss, and each task's share of the trained samples", "",
               "Every sample is scored once per epoch, so the candidates' task mix is the dataset's (full-data "
               "training's row); a share that moves away from it is the selection's doing.", ""]
@@ -516,7 +549,8 @@ def report(plan: list[RunSpec], args, argv: list[str]) -> tuple[list[dict], list
     curve = full_curve(rows)
     _write_json(os.path.join(args.out, "results.json"),
                 {"meta": meta, "args": {k: v for k, v in vars(args).items()}, "tasks": tasks, "summary": summary,
-                 "runs": rows, "full_curve": curve, "full_plateau_epoch": plateau_epoch(curve)})
+                 "runs": rows, "paired": paired_differences(rows), "full_curve": curve,
+                 "full_plateau_epoch": plateau_epoch(curve)})
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(markdown(summary, rows, tasks, args, meta))
     plot(args.out, summary, rows, None if args.max_steps > 0 else args.epochs)

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from optbatch_ds.bench_report import _mean_std, full_cost_to_reach, plateau_epoch, plateau_note
+from optbatch_ds.bench_report import _mean_std, full_cost_to_reach, paired_differences, plateau_epoch, plateau_note
 
 pytestmark = pytest.mark.unit
 
@@ -41,3 +41,20 @@ def test_mean_std_is_sample_std_and_skips_nan():
     assert m == 2.0 and sd == pytest.approx(1.0)
     m, sd = _mean_std([5.0])
     assert m == 5.0 and math.isnan(sd)
+
+
+def test_paired_differences_match_by_seed():
+    def row(label, method, ratio, seed, loss, status="ok", ablation=""):
+        return {"label": label, "method": method, "prune_ratio": ratio, "seed": seed, "heldout_loss": loss,
+                "status": status, "ablation": ablation}
+    rows = [row("full", "full", 0.0, 0, 1.0), row("full", "full", 0.0, 1, 2.0),
+            row("random", "random", 0.3, 0, 1.5), row("random", "random", 0.3, 1, 2.6),
+            row("optbatch", "optbatch", 0.3, 0, 1.2), row("optbatch", "optbatch", 0.3, 1, 2.2),
+            row("optbatch", "optbatch", 0.3, 2, 9.0),                      # no full / random seed 2: unpaired
+            row("optbatch", "optbatch", 0.5, 0, 1.4, status="failed")]    # failed runs are left out
+    by = {(p["label"], p["prune_ratio"]): p for p in paired_differences(rows)}
+    assert set(by) == {("random", 0.3), ("optbatch", 0.3)}
+    o = by[("optbatch", 0.3)]
+    assert o["n_full"] == 2 and o["vs_full"] == pytest.approx(0.2) and o["vs_full_std"] == pytest.approx(0.0, abs=1e-12)
+    assert o["n_random"] == 2 and o["vs_random"] == pytest.approx(-0.35)
+    assert by[("random", 0.3)]["n_random"] == 0 and by[("random", 0.3)]["vs_full"] == pytest.approx(0.55)
