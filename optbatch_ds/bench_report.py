@@ -242,6 +242,12 @@ def _cell(m: float, sd: float = float("nan"), fmt: str = "{:.3f}") -> str:
     return fmt.format(m) + ("" if sd != sd else " ± " + fmt.format(sd))
 
 
+def _signed(m: float, sd: float) -> str:
+    if m != m:
+        return "–"
+    return f"{m:+.4f}" + ("" if sd != sd else f" ± {sd:.4f}")
+
+
 def _saved_cell(s: dict) -> str:
     if s["method"] == "full":
         return "–"
@@ -348,8 +354,8 @@ def markdown(summary: list[dict], rows: list[dict], tasks: list[str], args, meta
                   "both runs have; n = number of such seeds.", "",
                   "| method | α | − full | n | − random (same α) | n |", "|---|---|---|---|---|---|"]
         for p in paired:
-            lines.append(f"| {p['label']} | {p['prune_ratio']:.2f} | {_cell(p['vs_full'], p['vs_full_std'], '{:+.4f}')} | "
-                         f"{p['n_full']} | {_cell(p['vs_random'], p['vs_random_std'], '{:+.4f}')} | {p['n_random']} |")
+            lines.append(f"| {p['label']} | {p['prune_ratio']:.2f} | {_signed(p['vs_full'], p['vs_full_std'])} | "
+                         f"{p['n_full']} | {_signed(p['vs_random'], p['vs_random_std'])} | {p['n_random']} |")
     lines += ["", "## Per task: held-out loss, and each task's share of the trained samples", "",
               "Every sample is scored once per epoch, so the candidates' task mix is the dataset's (full-data "
               "training's row); a share that moves away from it is the selection's doing.", ""]
