@@ -63,10 +63,11 @@ class OptBatchConfig:
     vocab_chunk: int = _help("Vocabulary rows processed at once when computing features (bounds memory).", 4096)
     score_batch_size: int = _help("Samples per scoring forward; 0 = 2 x train_micro_batch_size_per_gpu (no "
                                   "activations are kept for backward, so twice the micro batch fits).", 0)
-    reweight: str = _help("'none' (the paper's method) or 'strata': weight each trained sample by its stratum's "
+    reweight: str = _help("'none' (the paper's method); 'strata': weight each trained sample by its stratum's "
                           "size / quota (normalised to mean 1), the stratified-sampling estimate of the whole pool's "
-                          "loss, so the exp(loss) quotas choose what to look at without shifting the objective.",
-                          "none")
+                          "loss, so the exp(loss) quotas choose what to look at without shifting the objective; "
+                          "'upweight': that weight only where it is above 1 (under-sampled strata), like InfoBatch's "
+                          "rescaling of the thinned low-loss samples.", "none")
     outlier_fence: float = _help("k of Tukey's fence Q3 + k IQR over each pool's losses: candidates above it "
                                  "(suspected defects) only fill the budget when the rest cannot; 0 = off.", 0.0)
     seed: int = _help("Seed of the selector and of the sketch projection (same on every rank).", 0)
@@ -100,7 +101,7 @@ class OptBatchConfig:
             bad("temperature_end", f"{self.temperature_end} must be a nonzero number, 'inf' or null")
         for key, allowed in (("quotas", ("exp_loss", "uniform")), ("within", ("farthest", "random")),
                              ("distance", ("euclidean", "cosine")), ("feature", FEATURES),
-                             ("reweight", ("none", "strata"))):
+                             ("reweight", ("none", "strata", "upweight"))):
             value = getattr(self, key)
             if value not in allowed:
                 bad(key, f"'{value}' is not allowed{_nearest(str(value), allowed)}")

@@ -21,7 +21,7 @@ The recipe, on every rank unless said otherwise:
      .json array elements byte for byte as they were, .parquet rows via pyarrow; a `datasets` name or a
      folder of mixed files gives .jsonl), plus `<output stem>.selection.jsonl`, one line per input record:
      {"index", "source", "pool", "loss", "stratum", "selected"} (+ "skipped": kind for a record skipped as
-     bad, + "weight" for infobatch and optbatch with reweight "strata"), and `<output stem>.selection.summary.json` (counts, budgets, skipped
+     bad, + "weight" for infobatch and optbatch with a reweight), and `<output stem>.selection.summary.json` (counts, budgets, skipped
      records, timings). Skipped records are counted there and on stderr, never dropped silently.
 """
 from __future__ import annotations
@@ -376,7 +376,7 @@ def select_dataset(run: RunConfig, output: str, warmup_steps: int, rank: int, wo
         kept, weights, info, strata = _select_pool(selector, cfg, pid, all_losses, all_sketches, budget)
         times["select"] += time.perf_counter() - t0
         weight_of = dict(zip(kept, weights))
-        weighted = ob.method == "infobatch" or (ob.method == "optbatch" and ob.reweight == "strata")
+        weighted = ob.method == "infobatch" or (ob.method == "optbatch" and ob.reweight != "none")
         for j, p in enumerate(positions):
             line = {"pool": pid, "loss": float(all_losses[j]), "stratum": strata[j], "selected": j in weight_of}
             if weighted and j in weight_of:

@@ -11,7 +11,7 @@ METHODS = ("full", "random", "online_hard", "ccs", "infobatch", "optbatch")
 QUOTAS = ("exp_loss", "uniform")
 WITHIN = ("farthest", "random")
 DISTANCES = ("euclidean", "cosine")
-REWEIGHTS = ("none", "strata")
+REWEIGHTS = ("none", "strata", "upweight")
 
 
 class SelectionError(ValueError):
@@ -55,8 +55,10 @@ class SelectionConfig:
     )
     reweight: str = field(
         default="none",
-        metadata={"help": "optbatch: 'none', or 'strata' = weight a selected sample of stratum s by "
-                          "(n_s / q_s) * (budget / c), the stratified-sampling estimator of the pool's mean loss"},
+        metadata={"help": "optbatch: 'none'; 'strata' = weight a selected sample of stratum s by "
+                          "(n_s / q_s) * (budget / c), the stratified-sampling estimator of the pool's mean loss; "
+                          "'upweight' = the same weight where it is above 1 (strata the quotas under-sample), 1 "
+                          "elsewhere: InfoBatch's rescaling of the thinned low-loss part, per stratum"},
     )
     outlier_fence: float = field(
         default=0.0,

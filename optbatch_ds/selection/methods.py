@@ -170,7 +170,11 @@ def _optbatch(loss, sk, budget, config, generator, progress):
         info["inverse_temperature"] = beta
     if config.outlier_fence > 0:
         info.update(extra)
-    weights = stratum_weights(groups, quotas, picks) if config.reweight == "strata" else None
+    weights = None
+    if config.reweight != "none":
+        weights = stratum_weights(groups, quotas, picks)
+        if config.reweight == "upweight":
+            weights = np.maximum(weights, 1.0)
     return inside[picks], weights, info
 
 

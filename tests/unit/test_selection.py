@@ -381,6 +381,15 @@ def test_strata_reweight_is_the_stratified_estimator(seed, c, budget, strata, wi
         assert in_g.sum() == q and np.allclose(res.weights[in_g], len(g) / max(q, 1) * budget / n, rtol=1e-6)
 
 
+def test_upweight_raises_only_under_sampled_strata():
+    losses, sketches = make_inputs(7, 23, 8)
+    strata = run("optbatch", losses, sketches, 16, 7, reweight="strata")
+    up = run("optbatch", losses, sketches, 16, 7, reweight="upweight")
+    assert np.array_equal(strata.indices, up.indices)
+    assert np.array_equal(up.weights, np.maximum(strata.weights, 1.0).astype(np.float32))
+    assert (up.weights > 1).any() and (up.weights == 1).any()
+
+
 def test_strata_reweight_rejects_unknown_value():
     with pytest.raises(ValueError, match="reweight='stratum'.*did you mean 'strata'"):
         SelectionConfig(reweight="stratum")
