@@ -75,6 +75,7 @@ def _pool_size(run: RunSpec) -> int | None:
     return None
 
 
+WRONG_ANSWERS = ("misaligned", "truncated")  # demo "defect" labels of records whose answer is wrong
 _LABELS: dict[str, tuple | None] = {}
 
 
@@ -95,7 +96,7 @@ def _labels(train_spec: str | None) -> tuple[list, list] | None:
 
 
 def trained_mix(run_dir: str) -> tuple[float, dict[str, float]]:
-    """Share of the trained samples labelled defective, and the share of each task among them.
+    """Share of the trained samples whose answer is labelled wrong (WRONG_ANSWERS), and each task's share.
 
     (nan, {}) without labels. The pool's mix is the dataset's (every sample is scored once per epoch),
     so a task's share moving away from its dataset share is the selection's doing."""
@@ -109,7 +110,7 @@ def trained_mix(run_dir: str) -> tuple[float, dict[str, float]]:
     for line in _read_jsonl(os.path.join(run_dir, "selection.jsonl")):
         for i in line.get("selected", []):
             total += 1
-            bad += defects[i] not in (None, "none")
+            bad += defects[i] in WRONG_ANSWERS
             per_task[tasks[i]] = per_task.get(tasks[i], 0) + 1
     if not total:
         return float("nan"), {}
@@ -329,7 +330,8 @@ def markdown(summary: list[dict], rows: list[dict], tasks: list[str], args, meta
              "excluded); ×full is the mean relative to full-data training. \"FLOPs saved at equal loss\" compares a "
              "method's FLOPs with what full-data training needed to first reach the same mean held-out loss (linear "
              "interpolation on its evaluation curve; negative: the method spent more). \"defective trained\" is the share of trained "
-             "samples whose record is labelled defective (duplicate, misaligned, truncated; demo data only).", "",
+             "samples whose answer is labelled wrong (misaligned or truncated: 18% of the demo records; duplicates are "
+             "right answers seen twice and do not count; demo data only).", "",
              "## Quality and compute", ""]
     head = (["method", "α", "ok", "held-out loss", "EM"] + [f"EM {t}" for t in tasks]
             + ["BLEU-4", "ROUGE-L", "defective trained", "samples trained", "FLOPs", "FLOPs ×full", "wall s",

@@ -16,9 +16,8 @@ import statistics
 
 import numpy as np
 
+from optbatch_ds.bench_report import WRONG_ANSWERS as DEFECTIVE  # duplicates are right answers seen twice
 from optbatch_ds.config import ConfigError
-
-DEFECTIVE = ("misaligned", "truncated")  # duplicates are clean records seen twice
 
 
 def _read_jsonl(path: str) -> list[dict]:
