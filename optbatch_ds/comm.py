@@ -31,6 +31,9 @@ def _mpi_launched() -> bool:
     return any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS"))
 
 
+MULTI_RANK = False  # set by init_distributed: this process is one of several ranks
+
+
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
     """One init for every launcher: deepspeed, torchrun, srun (SLURM_*), mpirun (mpi4py), or none.
 
@@ -55,6 +58,8 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=mpi, verbose=False,
                                timeout=datetime.timedelta(seconds=max(timeout_s, SETUP_TIMEOUT_S)))
     rank, world = dist.get_rank(), dist.get_world_size()
+    global MULTI_RANK
+    MULTI_RANK = world > 1
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
