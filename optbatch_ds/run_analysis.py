@@ -17,28 +17,21 @@ import statistics
 import numpy as np
 
 from optbatch_ds.bench_report import WRONG_ANSWERS as DEFECTIVE  # duplicates are right answers seen twice
+from optbatch_ds.bench_report import _labels, _read_json, _read_jsonl
 from optbatch_ds.config import ConfigError
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def load_run(run_dir: str) -> tuple[list[dict], list[dict]]:
-    """(selection lines, training records with their labels) of a finished run."""
+    """(selection lines, per training record its {"task", "defect"} labels) of a finished run."""
     sel_path, cfg_path = os.path.join(run_dir, "selection.jsonl"), os.path.join(run_dir, "config.json")
     for path in (sel_path, cfg_path):
         if not os.path.exists(path):
             raise ConfigError(f"{run_dir}: no {os.path.basename(path)} (not a launch/train.py output directory?)")
-    with open(cfg_path) as f:
-        train_data = json.load(f).get("train_data")
-    if not train_data or not os.path.isfile(train_data) or not train_data.endswith(".jsonl"):
-        raise ConfigError(f"{run_dir}: training data {train_data!r} is not a .jsonl file with labelled records")
-    records = _read_jsonl(train_data)
-    if not all("task" in r and "defect" in r for r in records):
+    train_data = (_read_json(cfg_path) or {}).get("train_data")
+    labels = _labels(train_data)  # the same labels the benchmark report reads
+    if labels is None:
         raise ConfigError(f"{train_data}: records carry no 'task' / 'defect' labels (the demo set does)")
-    return _read_jsonl(sel_path), records
+    return _read_jsonl(sel_path), [{"task": t, "defect": d} for d, t in zip(*labels)]
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -63,9 +56,10 @@ def analyse(selection: list[dict], records: list[dict]) -> dict:
     per_epoch = len(records) // len(selection[0]["candidates"])
     epochs = (len(selection) + per_epoch - 1) // per_epoch
     defective = np.array([r["defect"] in DEFECTIVE for r in records])
-    groups = sorted({(r["task"], r["defect"] if r["defect"] in DEFECTIVE else "clean") for r in records})
-    out = {"epochs": epochs, "steps_per_epoch": per_epoch, "groups": [f"{t}/{d}" for t, d in groups],
-           "median_loss": {f"{t}/{d}": [] for t, d in groups}, "defective_trained": [], "loss_auc": []}
+    group_of = [f"{r['task']}/{r['defect'] if r['defect'] in DEFECTIVE else 'clean'}" for r in records]
+    groups = sorted(set(group_of))
+    out = {"epochs": epochs, "steps_per_epoch": per_epoch, "groups": groups,
+           "median_loss": {g: [] for g in groups}, "defective_trained": [], "loss_auc": []}
     has_losses = any(line.get("losses") for line in selection)
     for e in range(epochs):
         lines = selection[e * per_epoch:(e + 1) * per_epoch]
@@ -80,10 +74,11 @@ def analyse(selection: list[dict], records: list[dict]) -> dict:
                     loss[i] = value
         seen = ~np.isnan(loss)
         out["loss_auc"].append(roc_auc(loss[seen], defective[seen]))
-        for t, d in groups:
-            vals = [loss[i] for i, r in enumerate(records) if seen[i] and r["task"] == t
-                    and (r["defect"] if r["defect"] in DEFECTIVE else "clean") == d]
-            out["median_loss"][f"{t}/{d}"].append(statistics.median(vals) if vals else float("nan"))
+        by_group: dict[str, list[float]] = {g: [] for g in groups}
+        for i in np.flatnonzero(seen):
+            by_group[group_of[i]].append(float(loss[i]))
+        for g, vals in by_group.items():
+            out["median_loss"][g].append(statistics.median(vals) if vals else float("nan"))
     out["has_losses"] = has_losses
     return out
 

@@ -21,7 +21,8 @@ def test_roc_auc_matches_pair_count(seed):
 
 
 def test_analyse_tiny_run(tmp_path):
-    records = [{"task": "qa", "defect": d, "messages": []} for d in ("none", "misaligned", "none", "duplicate")]
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    records = [{"task": "qa", "defect": d, "messages": chat} for d in ("none", "misaligned", "none", "duplicate")]
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     run = tmp_path / "run"
@@ -42,7 +43,7 @@ def test_analyse_tiny_run(tmp_path):
 
 def test_unlabelled_data_is_refused(tmp_path):
     data = tmp_path / "train.jsonl"
-    data.write_text(json.dumps({"messages": []}) + "\n")
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n")
     (tmp_path / "config.json").write_text(json.dumps({"train_data": str(data)}))
     (tmp_path / "selection.jsonl").write_text("")
     with pytest.raises(ConfigError, match="no 'task' / 'defect' labels"):
