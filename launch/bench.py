@@ -17,16 +17,9 @@ Writes to --out (default bench_out/): runs/<run>/ (one training run each, with l
 results.json, results.md, quality_vs_ratio.png, quality_vs_time.png, heldout_vs_epoch.png.
 Rerunning the same command skips the finished runs (those with eval.json) and retries the rest.
 """
-import os
 import sys
 
-# Python puts this script's folder first on sys.path, where launch/select.py would shadow the standard
-# library's `select` module (imported by subprocess, hence by torch): drop the folder, add the repository root.
-_HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
-
-from optbatch_ds.cli import run_main  # noqa: E402  (sets the offline defaults)
+from optbatch_ds.cli import run_main  # sets the offline defaults before transformers is imported
 
 if __name__ == "__main__":
-    sys.exit(run_main("optbatch_ds.bench"))
+    sys.exit(run_main("optbatch_ds.bench.grid"))

@@ -15,6 +15,8 @@ import time
 import numpy as np
 import torch
 
+from optbatch_ds.errors import ResumeError
+
 MARKER = "COMPLETE"
 _TAG = re.compile(r"^step_(\d+)$")
 
@@ -44,7 +46,8 @@ def latest_complete(ckpt_root: str) -> str | None:
 
 
 def find_resume(resume: str | None, ckpt_root: str) -> str | None:
-    """None (fresh start), 'auto' (latest complete, or a fresh start if none), or an explicit tag dir."""
+    """None (fresh start), 'auto' (latest complete, or a fresh start if none), or an explicit tag dir.
+    Raises ResumeError (a FileNotFoundError) when an explicit path holds no complete checkpoint."""
     if resume is None:
         return None
     if resume == "auto":
@@ -53,11 +56,11 @@ def find_resume(resume: str | None, ckpt_root: str) -> str | None:
     if os.path.isdir(path) and not _TAG.match(os.path.basename(path)):
         found = latest_complete(path if os.path.basename(path) == "checkpoints" else os.path.join(path, "checkpoints"))
         if found is None:
-            raise FileNotFoundError(f"--resume {resume}: no complete checkpoint below it")
+            raise ResumeError(f"--resume {resume}: no complete checkpoint below it")
         return found
     if not is_complete(path):
-        raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint (no {MARKER} marker: "
-                                f"the save was interrupted); use --resume auto to take the latest complete one")
+        raise ResumeError(f"--resume {resume}: not a complete checkpoint (no {MARKER} marker: "
+                          f"the save was interrupted); use --resume auto to take the latest complete one")
     return path
 
 

@@ -1,4 +1,6 @@
-"""Entry-point glue: turn the errors a user can fix into one clear line and exit code 2."""
+"""Entry-point glue: turn the errors a user can fix (`errors.UserError`) into one clear line and exit code 2.
+
+Every other exception is a bug or an environment failure and keeps its traceback."""
 from __future__ import annotations
 
 import importlib
@@ -14,12 +16,11 @@ for _key, _value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("HF
 
 def run_main(module: str, argv=None) -> int:
     from optbatch_ds import comm
-    from optbatch_ds.config import ConfigError
-    from optbatch_ds.data import DataError
+    from optbatch_ds.errors import UserError
 
     try:
         code = importlib.import_module(module).main(argv) or 0
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+    except UserError as exc:
         rank = os.environ.get("RANK", "0")
         print(f"error{'' if rank == '0' else f' (rank {rank})'}: {exc}", file=sys.stderr, flush=True)
         code = 2

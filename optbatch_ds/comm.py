@@ -1,7 +1,9 @@
-"""Steps 3 and 5 of DESIGN §2: gather per-sample signals to rank 0, broadcast the choice, check agreement.
+"""Every collective of the package: init and cleanup, steps 3 and 5 of DESIGN §2 (gather per-sample
+signals to rank 0, broadcast the choice, check agreement), and the few reductions the recipe needs.
 
-Knows nothing of strata or losses: it moves tensors. Every collective runs under the process
-group's timeout, so a dead rank becomes an error on the others instead of a hang.
+Knows nothing of strata or losses: it moves tensors and objects, named for what they do. Every
+collective runs under the process group's timeout, so a dead rank becomes an error on the others
+instead of a hang. With one process (no process group) each function is the identity.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ class DisagreementError(RuntimeError):
     """Ranks hold different selections after the broadcast: training would silently diverge."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous or a launcher's --master_port)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -50,7 +53,7 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, int]:
     mpi = "RANK" not in os.environ and _mpi_launched()
     if "RANK" not in os.environ and not mpi:  # plain `python launch/train.py`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     # Set-up (one rank building the default model or tokenizing a large set while the others wait,
     # DeepSpeed's first collectives) may legitimately take longer than a training collective: start
@@ -97,6 +100,17 @@ def cleanup() -> None:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) without a process group."""
+    return _rank(), _world()
+
+
+def log0(*msg) -> None:
+    """Print on rank 0 only: the one place rank-0 console output goes through."""
+    if _rank() == 0:
+        print(*msg, flush=True)
 
 
 def _world() -> int:
@@ -155,6 +169,7 @@ def check_agreement(t: torch.Tensor, what: str = "selected indices", step: int |
 
 
 def all_gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order, on every rank."""
     if _world() == 1:
         return [obj]
     out = [None] * _world()
@@ -162,6 +177,48 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def broadcast_object(obj):
+    """Rank 0's picklable `obj` on every rank (what the others pass is ignored)."""
+    if _world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any: so every rank can stop together (a rank that stopped
+    alone would leave the others hanging in their next collective)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=comm_device())
+    if _world() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of `t` over ranks, on every rank, on the CPU (float64 keeps token counts exact)."""
+    if _world() == 1:
+        return t.cpu()
+    buf = t.to(comm_device())
+    dist.all_reduce(buf)
+    return buf.cpu()
+
+
+def same_on_every_rank(value: int, what: str) -> int:
+    """`value`, after checking every rank holds the same one (a mismatch would hang a later collective);
+    raises RuntimeError on every rank otherwise, naming `what` and the range seen."""
+    if _world() == 1:
+        return value
+    both = torch.tensor([value, -value], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    high, low = int(both[0]), -int(both[1])
+    if high != low:
+        raise RuntimeError(f"ranks disagree on {what} (between {low} and {high}): it must be the same on every rank "
+                           "at this point of training")
+    return value
+
+
 def barrier() -> None:
+    """Every rank waits for the others."""
     if _world() > 1:
         dist.barrier()

@@ -5,12 +5,16 @@ step); rank 0 gathers predictions and computes the metrics. The metric functions
 """
 from __future__ import annotations
 
-import math
 import re
 import string
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
+
+from optbatch_ds import comm
+from optbatch_ds.batching import collate, padded_shard, per_sample_nll
+from optbatch_ds.data import encode_prompt, split_for_generation
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]+$")
 
@@ -62,53 +66,42 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _shard(n: int, rank: int, world: int) -> list[int]:
-    """Indices of rank's shard, every shard the same length (tail padded by repeating index 0..)."""
-    per = math.ceil(n / world) if n else 0
-    idx = list(range(rank * per, min(n, (rank + 1) * per)))
-    while len(idx) < per:
-        idx.append(idx[-1] if idx else 0)
-    return idx
+@dataclass(frozen=True)
+class EvalSettings:
+    """How held-out evaluation runs: forwards of `batch_size` samples, greedy decoding of `max_new_tokens`
+    tokens on at most `samples_per_task` samples per task (0: all); synced_gpus under multi-rank ZeRO-3,
+    whose forwards are collective (a rank that finished decoding keeps stepping with the others)."""
+
+    batch_size: int
+    max_new_tokens: int
+    samples_per_task: int = 0
+    synced_gpus: bool = False
 
 
-@torch.no_grad()
-def evaluate(engine, tokenizer, examples, encoded, *, rank: int, world: int, batch_size: int,
-             max_new_tokens: int, samples_per_task: int = 0, synced_gpus: bool = False) -> dict | None:
-    """Run on every rank; returns the result on rank 0 (None elsewhere).
-
-    `examples` are held-out `optbatch_ds.data.Example`s, `encoded` their `Encoded` (None = unusable)."""
-    from optbatch_ds import comm
-    from optbatch_ds.data import encode_prompt, split_for_generation
-    from optbatch_ds.trainer import collate, per_sample_nll
-
-    model = engine.module
-    was_training = model.training
-    model.eval()
-    device = engine.device
-    usable = [i for i, e in enumerate(encoded) if e is not None and e.n_supervised > 0]
-
-    # 1. Mean response NLL over every usable held-out sample.
+def _heldout_losses(engine, tokenizer, encoded, usable: list[int], batch_size: int) -> dict[int, float]:
+    """Mean response NLL of this rank's shard of the usable held-out samples, by index."""
+    rank, world = comm.rank_and_world()
     losses: dict[int, float] = {}
-    shard = [usable[i] for i in _shard(len(usable), rank, world)]
+    shard = padded_shard(usable, rank, world)
     for s in range(0, len(shard), batch_size):
         ids = shard[s:s + batch_size]
-        batch = collate([encoded[i] for i in ids], tokenizer.pad_token_id, device)
+        batch = collate([encoded[i] for i in ids], tokenizer.pad_token_id, engine.device)
         out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         for i, l in zip(ids, per_sample_nll(out.logits, batch["labels"]).tolist()):
             losses[i] = l
+    return losses
 
-    # 2. Greedy generation on (a capped number of) samples per task.
-    by_task = defaultdict(list)
-    for i in usable:
-        by_task[examples[i].task].append(i)
-    gen_ids = [i for t in sorted(by_task) for i in (by_task[t][:samples_per_task] if samples_per_task else by_task[t])]
+
+def _greedy(engine, tokenizer, examples, gen_ids: list[int], settings: EvalSettings) -> dict[int, str]:
+    """Greedy answers of this rank's shard of `gen_ids`, left-padded batches, by index."""
+    rank, world = comm.rank_and_world()
     preds: dict[int, str] = {}
-    shard = [gen_ids[i] for i in _shard(len(gen_ids), rank, world)]
+    shard = padded_shard(gen_ids, rank, world)
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        for s in range(0, len(shard), batch_size):
-            ids = shard[s:s + batch_size]
+        for s in range(0, len(shard), settings.batch_size):
+            ids = shard[s:s + settings.batch_size]
             prompts = [encode_prompt(split_for_generation(examples[i])[0], tokenizer) for i in ids]
             width = max(len(p) for p in prompts)
             input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -116,19 +109,39 @@ def evaluate(engine, tokenizer, examples, encoded, *, rank: int, world: int, bat
             for r, p in enumerate(prompts):
                 input_ids[r, width - len(p):] = torch.tensor(p)
                 mask[r, width - len(p):] = 1
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 synced_gpus=synced_gpus)
+            out = engine.module.generate(input_ids=input_ids.to(engine.device), attention_mask=mask.to(engine.device),
+                                         max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1,
+                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                         synced_gpus=settings.synced_gpus)
             for r, i in enumerate(ids):
                 preds[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()
     finally:
         tokenizer.padding_side = old_side
+    return preds
+
+
+@torch.no_grad()
+def evaluate(engine, tokenizer, examples, encoded, settings: EvalSettings) -> dict | None:
+    """Held-out loss and per-task generation metrics. Collective: run on every rank; rank 0 gets the result
+    ({"loss", "tasks": {task: {"exact_match", "bleu4", "rougeL", "loss", "n"}}, "skipped_unusable",
+    "samples"}), the others None.
+
+    `examples` are held-out `optbatch_ds.data.Example`s, `encoded` their `Encoded` (None = unusable)."""
+    model = engine.module
+    was_training = model.training
+    model.eval()
+    usable = [i for i, e in enumerate(encoded) if e is not None and e.n_supervised > 0]
+    losses = _heldout_losses(engine, tokenizer, encoded, usable, settings.batch_size)
+    by_task = defaultdict(list)
+    for i in usable:
+        by_task[examples[i].task].append(i)
+    cap = settings.samples_per_task
+    gen_ids = [i for t in sorted(by_task) for i in (by_task[t][:cap] if cap else by_task[t])]
+    preds = _greedy(engine, tokenizer, examples, gen_ids, settings)
     if was_training:
         model.train()
-
     gathered = comm.all_gather_objects((losses, preds))
-    if rank != 0:
+    if comm.rank_and_world()[0] != 0:
         return None
     all_losses, all_preds = {}, {}
     for l, p in gathered:

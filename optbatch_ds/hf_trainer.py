@@ -20,7 +20,8 @@ defaults. Per optimizer step, with b = per_device_train_batch_size x gradient_ac
 size and c = ceil(b / (1 - prune_ratio)) rounded to a multiple of the world size (as in launch/train.py):
 
   1. draw c dataset indices from `EpochSampler(len(usable rows), seed=args.data_seed or args.seed)`;
-  2. each rank scores its c / W slice with the model being trained (`trainer.score_candidates`: no graph,
+  2. each rank scores its c / W slice with the model being trained (`step.choose_batch`, the step
+     launch/train.py runs too: no graph,
      loss + curvature-normalised output-layer features + sketch). The curvature is Adam's bias-corrected
      second moment of lm_head.weight (`scoring.curvature_inv_sqrt`): from the DeepSpeed engine
      (`self.model_wrapped`) under DeepSpeed, from the torch optimizer's state otherwise;
@@ -46,16 +47,20 @@ loss, stratum quotas, scoring and selection seconds); rank 0 appends one line pe
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 from transformers import Trainer
 
-from optbatch_ds.config import ConfigError, OptBatchConfig, num_candidates
+from optbatch_ds import comm, step as ob_step
+from optbatch_ds.batching import collate, per_sample_nll
+from optbatch_ds.config import BatchSizes, ConfigError, OptBatchConfig, num_candidates
+from optbatch_ds.data import EpochSampler
+from optbatch_ds.runlog import SELECTION, RunLog, selection_line
+from optbatch_ds.scoring import curvature_inv_sqrt
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +97,8 @@ def _collate_slots(items):
     return {"optbatch_slot": torch.tensor(items)}
 
 
-class _Scorer:
-    """What `score_candidates` needs of an engine (.module, .device, a forward) for a model outside DeepSpeed."""
+class _Bare:
+    """A model outside DeepSpeed seen as the step functions see an engine (.module, .device, a forward)."""
 
     def __init__(self, module, device):
         self.module, self.device = module, device
@@ -102,11 +107,37 @@ class _Scorer:
         return self.module(**kwargs)
 
 
-def _rank_world() -> tuple[int, int]:
-    d = torch.distributed
-    if d.is_available() and d.is_initialized():
-        return d.get_rank(), d.get_world_size()
-    return 0, 1
+class _Row:
+    """One training row as the step functions read it (input_ids and labels lists)."""
+
+    def __init__(self, row):
+        ids = row["input_ids"]
+        labels = row["labels"] if "labels" in row and row["labels"] is not None else ids
+        as_list = (lambda x: x.tolist() if hasattr(x, "tolist") else list(x))
+        self.input_ids, self.labels = as_list(ids), as_list(labels)
+
+
+class _Rows:
+    """The train dataset as a sequence of `_Row`s (for `step.train_on`-style indexing)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, i: int) -> _Row:
+        return _Row(self.dataset[i])
+
+
+@dataclass
+class _Run:
+    """Built with the train dataloader: the shared step's runtime, the usable rows, the draw stream, the log."""
+
+    rt: ob_step.SelectionRuntime
+    pool: list[int]
+    seed: int
+    log: RunLog
+    sampler: EpochSampler | None = None
+    draws: int = -1          # draws taken from `sampler` (a resume replays them)
+    log_checked: bool = False
 
 
 class OptBatchMixin:
@@ -123,16 +154,15 @@ class OptBatchMixin:
         self.optbatch = optbatch_config_from(optbatch, self.args)
         self.optbatch_history: list[dict] = []
         self._ob_record = bool(record_history)
-        self._ob = None          # sizes, pool, sampler, selector: built with the train dataloader
-        self._ob_pending = []    # selection info of the steps since the last training log
+        self._ob: _Run | None = None   # built with the train dataloader
+        self._ob_pending = []          # selection info of the steps since the last training log
+        self._ob_weights = {}
 
     # ------------------------------------------------------------------ setup
 
-    def _optbatch_setup(self) -> SimpleNamespace:
-        from optbatch_ds.selection import Selector
-
+    def _optbatch_setup(self) -> _Run:
         ob, args = self.optbatch, self.args
-        _, world = _rank_world()
+        rank, world = comm.rank_and_world()
         micro, accum = self._train_batch_size, args.gradient_accumulation_steps
         b = micro * accum * world
         c = num_candidates(b, ob.prune_ratio, world)
@@ -146,30 +176,26 @@ class OptBatchMixin:
         if excluded:
             logger.warning("optbatch: %d of %d training rows have no supervised label (labels all -100) and are "
                            "left out of the pool", excluded, len(pool) + excluded)
-        return SimpleNamespace(b=b, c=c, micro=micro, accum=accum, world=world, pool=pool, excluded=excluded,
-                               seed=args.data_seed if args.data_seed is not None else args.seed,
-                               sampler=None, draws=-1, selector=Selector(ob.selection_config()),
-                               projection=None, projection_built=False, log_checked=False,
-                               score_bs=ob.score_batch_size or 2 * micro)
-
-    def _row(self, i: int) -> SimpleNamespace:
-        row = self.train_dataset[i]
-        ids = row["input_ids"]
-        labels = row["labels"] if "labels" in row and row["labels"] is not None else ids
-        as_list = (lambda x: x.tolist() if hasattr(x, "tolist") else list(x))
-        return SimpleNamespace(input_ids=as_list(ids), labels=as_list(labels))
+        pad_id = getattr(self.processing_class, "pad_token_id", None)
+        pad_id = 0 if pad_id is None else pad_id  # right padding is masked: any id will do
+        rt = ob_step.SelectionRuntime.build(self.model, ob, BatchSizes(c, b, micro, accum, world), pad_id,
+                                            self._curvature, None, rank)
+        return _Run(rt, pool, args.data_seed if args.data_seed is not None else args.seed,
+                    RunLog(args.output_dir, rank))
 
     def _usable_rows(self) -> tuple[list[int], int]:
         """Rows with at least one supervised label after the shift (labels[1:] != -100)."""
-        pool = [i for i in range(len(self.train_dataset)) if any(t != -100 for t in self._row(i).labels[1:])]
+        rows = _Rows(self.train_dataset)
+        pool = [i for i in range(len(self.train_dataset)) if any(t != -100 for t in rows[i].labels[1:])]
         return pool, len(self.train_dataset) - len(pool)
 
     def get_train_dataloader(self):
         """Placeholders, gradient_accumulation_steps x (usable rows // c) per rank: the Trainer's epoch length."""
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
-        self._ob = st = self._optbatch_setup()
-        n = (len(st.pool) // st.c) * st.accum * st.world  # accelerate gives each rank 1 / world of them
+        self._ob = run = self._optbatch_setup()
+        sizes = run.rt.sizes
+        n = (len(run.pool) // sizes.candidates) * sizes.grad_accum * sizes.world  # accelerate gives each rank 1/world
         loader = torch.utils.data.DataLoader(_Slots(n), batch_size=1, shuffle=False, collate_fn=_collate_slots)
         return self.accelerator.prepare(loader)
 
@@ -184,118 +210,79 @@ class OptBatchMixin:
                 break
         if not slots:
             return [], None
-        if len(slots) != self._ob.accum:
+        if len(slots) != self._ob.rt.sizes.grad_accum:
             raise RuntimeError(f"optbatch: the Trainer asked for {len(slots)} micro-batches in a step, expected "
-                               f"gradient_accumulation_steps={self._ob.accum}")
+                               f"gradient_accumulation_steps={self._ob.rt.sizes.grad_accum}")
         batches = self._optbatch_step()
         count = getattr(self, "_get_num_items_in_batch", None)
         return batches, (count(batches, device) if count is not None else None)
 
-    def _scorer(self):
+    def _engine(self):
         if self.is_deepspeed_enabled:
             return self.model_wrapped  # the DeepSpeedEngine: under ZeRO-3 its forward gathers the shards
-        return _Scorer(self.model, self.args.device)  # the bare module: no DDP hooks for a no-grad forward
+        return _Bare(self.model, self.args.device)  # the bare module: no DDP hooks for a no-grad forward
 
     def _curvature(self):
-        from optbatch_ds.scoring import curvature_inv_sqrt
-
         # Under DeepSpeed the engine reads the (partitioned) Adam state through DeepSpeed's accessors;
         # otherwise curvature_inv_sqrt reads optimizer.state[lm_head.weight]["exp_avg_sq"] and bias-corrects.
         target = (self.model_wrapped if self.is_deepspeed_enabled
                   else SimpleNamespace(optimizer=self.optimizer, module=self.model))
         return curvature_inv_sqrt(target, self.optbatch.eps)
 
-    def _projection(self, scorer):
-        from optbatch_ds.trainer import sketch_projection
-
-        st = self._ob
-        if not st.projection_built:
-            st.projection = sketch_projection(scorer.module, self.optbatch)
-            st.projection_built = True
-        return st.projection
-
     def _optbatch_step(self) -> list[dict]:
-        from optbatch_ds.data import EpochSampler
-        from optbatch_ds.trainer import choose_batch, collate
-
-        st, ob = self._ob, self.optbatch
-        rank, world = _rank_world()
+        run = self._ob
+        rt, sizes = run.rt, run.rt.sizes
         done = self.state.global_step
         step = done + 1
-        if st.draws != done:  # first step of this train() call, or a resume: replay the draws (cheap)
-            st.sampler = EpochSampler(len(st.pool), seed=st.seed)
+        if run.draws != done:  # first step of this train() call, or a resume: replay the draws (cheap)
+            run.sampler = EpochSampler(len(run.pool), seed=run.seed)
             for _ in range(done):
-                st.sampler.draw(st.c)
-            st.draws = done
-        timers = dict.fromkeys(("draw", "curvature", "score_forward", "features", "gather", "select", "broadcast"),
-                               0.0)
+                run.sampler.draw(sizes.candidates)
+            run.draws = done
+        timers = ob_step.new_timers()
         t0 = time.perf_counter()
-        cand = [st.pool[p] for p in st.sampler.draw(st.c)]
-        st.draws += 1
-        cpr, bpr = st.c // world, st.b // world
-        mine = cand[rank * cpr:(rank + 1) * cpr]
+        cand = [run.pool[p] for p in run.sampler.draw(sizes.candidates)]
+        run.draws += 1
+        cpr, bpr = sizes.candidates_per_rank, sizes.batch_per_rank
+        rows = _Rows(self.train_dataset)
+        mine = [rows[i] for i in cand[rt.rank * cpr:(rt.rank + 1) * cpr]]
         timers["draw"] = time.perf_counter() - t0
-        pad_id = getattr(self.processing_class, "pad_token_id", None)
-        pad_id = 0 if pad_id is None else pad_id  # right padding is masked: any id will do
+        rt.selector.total_steps = self.state.max_steps  # training progress, for a temperature schedule
+        choice = ob_step.choose_batch(rt, self._engine(), mine, step, timers)
+        info = comm.broadcast_object(choice.info)  # so every rank logs the same line
+        selected = [cand[p] for p in choice.positions.tolist()]
+        self._optbatch_record(step, cand, selected, choice, info, timers)
 
-        scorer = self._scorer() if ob.needs_scores else None
-        st.selector.total_steps = self.state.max_steps  # training progress, for a temperature schedule
-        choice = choose_batch(scorer, [self._row(i) for i in mine], step, ob, st.selector, st.c, st.b, pad_id=pad_id,
-                              projection=self._projection(scorer) if scorer is not None else None,
-                              score_bs=st.score_bs, curvature=self._curvature, timers=timers, rank=rank)
-        sel, weights, info = choice.positions, choice.weights, choice.info
-        all_losses, all_sketches = choice.losses, choice.sketches
-        if world > 1:
-            box = [info]
-            torch.distributed.broadcast_object_list(box, src=0)  # so every rank logs the same line
-            info = box[0]
-        selected = [cand[p] for p in sel.tolist()]
-        self._optbatch_record(step, cand, selected, weights, info, timers, choice.curvature,
-                              all_losses, all_sketches, rank)
-
-        mine_sel, mine_w = selected[rank * bpr:(rank + 1) * bpr], weights[rank * bpr:(rank + 1) * bpr]
-        weighted = not bool(torch.all(weights == 1))
+        mine_sel, mine_w = selected[rt.rank * bpr:(rt.rank + 1) * bpr], choice.weights[rt.rank * bpr:(rt.rank + 1) * bpr]
+        weighted = not bool(torch.all(choice.weights == 1))
         self._ob_weights = {}
         batches = []
-        for m in range(st.accum):
-            ids = mine_sel[m * st.micro:(m + 1) * st.micro]
-            batch = collate([self._row(i) for i in ids], pad_id, torch.device("cpu"))
+        for m in range(sizes.grad_accum):
+            micro = slice(m * sizes.micro_batch_size, (m + 1) * sizes.micro_batch_size)
+            batch = collate([rows[i] for i in mine_sel[micro]], rt.pad_id, torch.device("cpu"))
             if weighted:  # an id, not the weights: the Trainer would cast a float tensor to the DeepSpeed dtype
-                self._ob_weights[m] = mine_w[m * st.micro:(m + 1) * st.micro]
+                self._ob_weights[m] = mine_w[micro]
                 batch["optbatch_weight_id"] = torch.tensor(m)
             batches.append(batch)
         return batches
 
-    def _optbatch_record(self, step, cand, selected, weights, info, timers, curvature, losses, sketches, rank):
-        from optbatch_ds.trainer import _LOGGED_INFO
-
-        info = info or {}
-        self._ob_pending.append({**{k: info[k] for k in _LOGGED_INFO if k in info},
+    def _optbatch_record(self, step: int, cand: list, selected: list, choice: ob_step.Choice, info: dict,
+                         timers: dict) -> None:
+        """The step's selection: pending log entries, the opt-in history, and a selection.jsonl line (rank 0)."""
+        run = self._ob
+        self._ob_pending.append({**{k: info[k] for k in ob_step.LOGGED_INFO if k in info},
                                  "score_seconds": timers["score_forward"] + timers["features"],
                                  "select_seconds": timers["select"]})
         if self._ob_record:
-            entry = {"step": step, "candidates": cand, "selected": selected, "weights": weights.tolist(),
-                     "info": info, "curvature": curvature}
-            if rank == 0:
-                entry.update(losses=losses, sketches=sketches)
+            entry = {"step": step, "candidates": cand, "selected": selected, "weights": choice.weights.tolist(),
+                     "info": info, "curvature": choice.curvature}
+            if run.rt.rank == 0:
+                entry.update(losses=choice.losses, sketches=choice.sketches)
             self.optbatch_history.append(entry)
-        if rank != 0:
-            return
-        path = os.path.join(self.args.output_dir, "selection.jsonl")
-        os.makedirs(self.args.output_dir, exist_ok=True)
-        if not self._ob.log_checked:  # a resumed run: drop the lines past the resumed step (a crashed tail)
-            self._ob.log_checked = True
-            if os.path.exists(path):
-                keep = [l for l in open(path).read().splitlines() if l.strip() and json.loads(l)["step"] < step]
-                with open(path, "w") as f:
-                    f.writelines(l + "\n" for l in keep)
-        line = {"step": step, "candidates": cand, "selected": selected}
-        if not torch.all(weights == 1):
-            line["weights"] = [round(float(x), 6) for x in weights]
-        if "quotas" in info:
-            line["quotas"] = info["quotas"]
-        with open(path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        if not run.log_checked:  # a resumed run: drop the lines past the resumed step (a crashed tail)
+            run.log_checked = True
+            run.log.resume_at(step - 1, names=(SELECTION,))
+        run.log.append(SELECTION, selection_line(step, cand, selected, choice.weights, info, choice.losses))
 
     # ------------------------------------------------------------------ loss and logging
 
@@ -304,8 +291,6 @@ class OptBatchMixin:
         if wid is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
-        from optbatch_ds.trainer import per_sample_nll
-
         # infobatch / reweight "strata": a sample counts w times (mean 1 over the batch); a per-rank mean of weighted
         # per-sample losses, which DDP / DeepSpeed average over ranks.
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])

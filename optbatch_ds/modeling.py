@@ -15,6 +15,12 @@ import tempfile
 
 import torch
 
+from optbatch_ds.errors import ConfigError
+
+# What loading a model or tokenizer from a wrong path, an offline hub id or unknown custom code raises;
+# anything else (out of memory, a bug in remote code) is not a user's path mistake and keeps its traceback.
+_LOAD_ERRORS = (OSError, ValueError, ImportError, KeyError)
+
 DEFAULT_MODEL_CONFIG = dict(
     hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
     max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
@@ -76,14 +82,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # turn hub/offline failures into something a user can act on
-        raise ValueError(f"could not load a tokenizer from '{path}': {exc}. Pass a local model directory "
+    except _LOAD_ERRORS as exc:  # turn hub/offline failures into something a user can act on
+        raise ConfigError(f"could not load a tokenizer from '{path}': {exc}. Pass a local model directory "
                          f"(nothing is downloaded at run time here) and --trust-remote-code for custom code.") from exc
     if tok.pad_token is None:
         # Padding positions are masked out of the loss and attention; any existing token will do.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     if tok.pad_token is None:
-        raise ValueError(f"tokenizer at '{path}' has no pad, eos or unk token to pad with")
+        raise ConfigError(f"tokenizer at '{path}' has no pad, eos or unk token to pad with")
     return tok
 
 
@@ -99,11 +105,11 @@ def load_model(path: str, ds_config: dict, trust_remote_code: bool = False):
     keep_alive = HfDeepSpeedConfig(ds_config) if stage == 3 else None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise ValueError(f"could not load a causal LM from '{path}': {exc}. Pass a local HF model directory; "
+    except _LOAD_ERRORS as exc:
+        raise ConfigError(f"could not load a causal LM from '{path}': {exc}. Pass a local HF model directory; "
                          f"add --trust-remote-code for models with custom code (ChatGLM).") from exc
     if model.get_output_embeddings() is None:
-        raise ValueError(f"model at '{path}' has no output embedding layer (lm_head); OptBatch scores "
+        raise ConfigError(f"model at '{path}' has no output embedding layer (lm_head); OptBatch scores "
                          f"samples through it, so a causal LM with an lm_head is required")
     return model, keep_alive
 
@@ -115,5 +121,5 @@ def check_vocab(tokenizer, model, path: str) -> None:
     rows = getattr(getattr(emb, "weight", None), "ds_shape", None) or getattr(getattr(emb, "weight", None), "shape", None)
     limit = rows[0] if rows is not None else vocab
     if limit is not None and len(tokenizer) > limit:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model at '{path}' embeds only {limit}: "
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model at '{path}' embeds only {limit}: "
                          f"they do not belong together (pass the tokenizer saved with this model)")

@@ -13,15 +13,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import pickle
-import socket
 import tempfile
 import traceback
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from optbatch_ds.comm import free_port  # noqa: F401  (tests import it from here)
 
 
 def _entry(body, rank, world_size, port, args, out_path):

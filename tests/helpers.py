@@ -16,7 +16,7 @@ def train_body(rank, world_size, argv):
 
     run = parse_args(argv)
     r, w, local = comm.init_distributed(120)
-    return train(run, r, w, local)
+    return train(run, r, w, local, record_history=True)
 
 
 def read_jsonl(path):

@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from optbatch_ds.errors import UserError
+
 from .errors import DataError, SkipReport, check_on_bad_record, handle
 from .formats import Example
 
@@ -44,7 +46,7 @@ BUILTIN_CHAT_TEMPLATE = (
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError):
     """The tokenizer's chat template cannot be used to build a loss mask."""
 
 

@@ -29,6 +29,7 @@ import json
 import os
 import random
 from collections import Counter
+from dataclasses import dataclass
 
 TASKS = ("dialogue", "translation", "qa")
 DEFAULT_TASK_MIX = {"dialogue": 0.55, "qa": 0.30, "translation": 0.15}
@@ -182,40 +183,58 @@ def _counts(total: int, shares: dict[str, float]) -> dict[str, int]:
     return out
 
 
-def make_demo_data(out_dir, seed: int = 0, n_train: int = 3000, n_eval_per_task: int = 100,
-                   task_mix: dict[str, float] | None = None, duplicate_rate: float = 0.12,
-                   misaligned_rate: float = 0.12, truncated_rate: float = 0.06,
-                   system_rate: float = 0.4) -> dict:
-    """Write train.jsonl, train_clean.jsonl and eval.jsonl to out_dir; returns paths and stats.
+@dataclass(frozen=True)
+class DemoSpec:
+    """Sizes, task mix and defect rates of the demo set. Rates are fractions of each task's train records;
+    task_mix gives each task's share of the train records (normalised; None = DEFAULT_TASK_MIX)."""
 
-    Rates are fractions of each task's train records; task_mix gives each task's share of the
-    train records (normalised; default 55% dialogue, 30% qa, 15% translation).
-    """
-    mix = dict(DEFAULT_TASK_MIX if task_mix is None else task_mix)
-    unknown = set(mix) - set(TASKS)
-    if unknown or not mix or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
-        raise ValueError(f"task_mix must give non-negative shares for tasks among {TASKS}, got {mix}")
-    if min(duplicate_rate, misaligned_rate, truncated_rate) < 0 or \
-            duplicate_rate + misaligned_rate + truncated_rate >= 1:
-        raise ValueError("defect rates must be non-negative and sum to less than 1")
-    total = sum(mix.values())
-    rng = random.Random(seed)
-    per_task = _counts(n_train, {t: mix.get(t, 0) / total for t in TASKS})
+    n_train: int = 3000
+    n_eval_per_task: int = 100
+    task_mix: dict | None = None
+    duplicate_rate: float = 0.12
+    misaligned_rate: float = 0.12
+    truncated_rate: float = 0.06
+    system_rate: float = 0.4
 
-    seen: set[str] = set()  # prompt keys used in train: originals are unique, eval is disjoint
+    def __post_init__(self):
+        mix = self.mix
+        unknown = set(mix) - set(TASKS)
+        if unknown or not mix or any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
+            raise ValueError(f"task_mix must give non-negative shares for tasks among {TASKS}, got {mix}")
+        rates = (self.duplicate_rate, self.misaligned_rate, self.truncated_rate)
+        if min(rates) < 0 or sum(rates) >= 1:
+            raise ValueError("defect rates must be non-negative and sum to less than 1")
 
-    def fresh(task: str, long_answer: bool = False) -> list[dict]:
+    @property
+    def mix(self) -> dict[str, float]:
+        return dict(DEFAULT_TASK_MIX if self.task_mix is None else self.task_mix)
+
+
+class _Fresh:
+    """Records whose prompts were never generated before (originals are unique; eval is disjoint from train)."""
+
+    def __init__(self, rng: random.Random, system_rate: float):
+        self.rng, self.system_rate, self.seen = rng, system_rate, set()
+
+    def __call__(self, task: str, long_answer: bool = False) -> list[dict]:
         for _ in range(10000):
-            msgs, key = _generate(task, rng, system_rate)
-            if key not in seen and (not long_answer or len(msgs[-1]["content"]) >= 2):
-                seen.add(key)
+            msgs, key = _generate(task, self.rng, self.system_rate)
+            if key not in self.seen and (not long_answer or len(msgs[-1]["content"]) >= 2):
+                self.seen.add(key)
                 return msgs
         raise ValueError(f"cannot generate enough distinct {task} records; ask for fewer")
 
+
+def _train_records(spec: DemoSpec, rng: random.Random, fresh: _Fresh) -> list[dict]:
+    """The train records: per task, clean ones and each defect at its rate, shuffled and numbered."""
+    mix = spec.mix
+    total = sum(mix.values())
+    per_task = _counts(spec.n_train, {t: mix.get(t, 0) / total for t in TASKS})
     train: list[dict] = []
     for task in TASKS:
         n = per_task[task]
-        n_dup, n_mis, n_trunc = (round(r * n) for r in (duplicate_rate, misaligned_rate, truncated_rate))
+        n_dup, n_mis, n_trunc = (round(r * n) for r in (spec.duplicate_rate, spec.misaligned_rate,
+                                                         spec.truncated_rate))
         n_none = n - n_dup - n_mis - n_trunc
         if n > 0 and n_none < 1:
             raise ValueError(f"task {task} gets {n} records, too few for the defect rates")
@@ -226,7 +245,6 @@ def make_demo_data(out_dir, seed: int = 0, n_train: int = 3000, n_eval_per_task:
         train += [{"task": task, "defect": "misaligned", "messages": fresh(task)} for _ in range(n_mis)]
         train += [{"task": task, "defect": "duplicate",
                    "messages": json.loads(json.dumps(rng.choice(clean)["messages"]))} for _ in range(n_dup)]
-
     answers = [r["messages"][-1]["content"] for r in train]
     for r in train:
         last = r["messages"][-1]
@@ -237,14 +255,29 @@ def make_demo_data(out_dir, seed: int = 0, n_train: int = 3000, n_eval_per_task:
             while last["content"] == correct:
                 last["content"] = rng.choice(answers)
     rng.shuffle(train)
-    train = [{"id": f"train-{i:05d}", **r} for i, r in enumerate(train)]
+    return [{"id": f"train-{i:05d}", **r} for i, r in enumerate(train)]
 
-    eval_records = []
-    for task in TASKS:
-        for _ in range(n_eval_per_task):
-            eval_records.append({"task": task, "defect": "none", "messages": fresh(task)})
+
+def _stats(records: list[dict]) -> dict:
+    by_td: dict[str, Counter] = {}
+    for r in records:
+        by_td.setdefault(r["task"], Counter())[r["defect"]] += 1
+    return {"n": len(records), "by_task": dict(sorted(Counter(r["task"] for r in records).items())),
+            "by_defect": dict(sorted(Counter(r["defect"] for r in records).items())),
+            "by_task_defect": {t: dict(sorted(c.items())) for t, c in sorted(by_td.items())}}
+
+
+def make_demo_data(out_dir, seed: int = 0, spec: DemoSpec | None = None) -> dict:
+    """Write train.jsonl, train_clean.jsonl and eval.jsonl to out_dir; returns paths and stats.
+
+    spec: sizes, task mix and defect rates (DemoSpec(); 3000 train records, 100 eval records per task)."""
+    spec = spec or DemoSpec()
+    rng = random.Random(seed)
+    fresh = _Fresh(rng, spec.system_rate)
+    train = _train_records(spec, rng, fresh)
+    eval_records = [{"task": task, "defect": "none", "messages": fresh(task)}
+                    for task in TASKS for _ in range(spec.n_eval_per_task)]
     eval_records = [{"id": f"eval-{i:05d}", **r} for i, r in enumerate(eval_records)]
-
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     paths = {name: os.path.join(out_dir, f"{name}.jsonl") for name in ("train", "train_clean", "eval")}
@@ -253,14 +286,5 @@ def make_demo_data(out_dir, seed: int = 0, n_train: int = 3000, n_eval_per_task:
         with open(paths[name], "w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-    def stats(records):
-        by_td: dict[str, Counter] = {}
-        for r in records:
-            by_td.setdefault(r["task"], Counter())[r["defect"]] += 1
-        return {"n": len(records), "by_task": dict(sorted(Counter(r["task"] for r in records).items())),
-                "by_defect": dict(sorted(Counter(r["defect"] for r in records).items())),
-                "by_task_defect": {t: dict(sorted(c.items())) for t, c in sorted(by_td.items())}}
-
     return {**paths, "seed": seed,
-            "stats": {"train": stats(train), "train_clean": stats(clean_train), "eval": stats(eval_records)}}
+            "stats": {"train": _stats(train), "train_clean": _stats(clean_train), "eval": _stats(eval_records)}}

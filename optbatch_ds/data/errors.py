@@ -13,6 +13,8 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
+from optbatch_ds.errors import ConfigError, UserError
+
 logger = logging.getLogger(__name__)
 
 ON_BAD_RECORD = ("error", "skip")
@@ -20,7 +22,7 @@ ON_BAD_RECORD = ("error", "skip")
 _SKIP_HINT = "fix the record, or pass --on-bad-record skip to skip bad records (they are counted in the skip report)"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with one record (or one whole file) of the training data.
 
     `kind` is a short stable code (e.g. "invalid_json", "missing_field") used to count problems in
@@ -98,7 +100,7 @@ class SkipReport:
 
 def check_on_bad_record(on_bad_record: str) -> None:
     if on_bad_record not in ON_BAD_RECORD:
-        raise ValueError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
+        raise ConfigError(f"on_bad_record must be one of {ON_BAD_RECORD}, got {on_bad_record!r}")
 
 
 def handle(err: DataError, on_bad_record: str, report: SkipReport) -> None:

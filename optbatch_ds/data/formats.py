@@ -26,10 +26,11 @@ Usage:
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from dataclasses import dataclass, field
+
+from optbatch_ds.errors import ConfigError, closest
 
 from .errors import DataError, SkipReport, check_on_bad_record, handle
 from .readers import data_files_in, iter_hub_records, iter_records
@@ -71,7 +72,7 @@ def load_examples(spec: str, fmt: str = "auto", on_bad_record: str = "error",
     check_on_bad_record(on_bad_record)
     if fmt != "auto" and fmt not in FORMATS:
         close = _suggest(fmt, FORMATS)
-        raise ValueError(f"unknown data format {fmt!r}; choose 'auto' or one of {FORMATS}"
+        raise ConfigError(f"unknown data format {fmt!r}; choose 'auto' or one of {FORMATS}"
                          + (f"; did you mean {close!r}?" if close else ""))
     report = report if report is not None else SkipReport()
     spec = os.fspath(spec)
@@ -160,8 +161,7 @@ def _did_you_mean(name: str, valid) -> str:
 
 
 def _suggest(name: str, valid) -> str | None:
-    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
-    return close[0] if close else None
+    return closest(name, valid, cutoff=0.6)
 
 
 def _missing(source, record: dict, name: str, known, what: str, prefix: str = "") -> DataError:
@@ -201,9 +201,9 @@ def parse_record(record, fmt: str, source: str) -> Example:
     absent = sorted(known - set(record))
     for k in record:
         if k not in known:
-            close = difflib.get_close_matches(k, absent, n=1, cutoff=0.75)
+            close = closest(k, absent, cutoff=0.75)
             if close:
-                raise DataError(source, k, f"field '{k}' is not known; did you mean '{close[0]}'?",
+                raise DataError(source, k, f"field '{k}' is not known; did you mean '{close}'?",
                                 f"the fields of the {fmt} format", kind="unknown_field")
     if fmt == "alpaca":
         instruction = _get_str(source, record, "instruction", True, known)

@@ -10,11 +10,9 @@ handful of samples sits out each epoch.
 """
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
-logger = logging.getLogger(__name__)
+from optbatch_ds.errors import ConfigError, ResumeError
 
 
 class EpochSampler:
@@ -42,7 +40,7 @@ class EpochSampler:
     def draw(self, n: int) -> list[int]:
         """The next n dataset indices (all distinct); starts a new epoch when fewer than n remain."""
         if not 0 < n <= self.num_samples:
-            raise ValueError(f"cannot draw {n} indices per step from a dataset of {self.num_samples} samples; "
+            raise ConfigError(f"cannot draw {n} indices per step from a dataset of {self.num_samples} samples; "
                              "use a smaller batch (or prune ratio) or more data")
         if self.remaining < n:
             self.epoch += 1
@@ -54,15 +52,17 @@ class EpochSampler:
     def state_dict(self) -> dict:
         return {"num_samples": self.num_samples, "seed": self.seed, "epoch": self.epoch, "position": self.position}
 
-    def load_state_dict(self, d: dict) -> None:
-        """Resume; the dataset size must match, a different seed is a warning (the checkpoint's wins)."""
+    def load_state_dict(self, d: dict) -> list[str]:
+        """Resume. The dataset size must match (ResumeError); a different seed is a warning and the
+        checkpoint's wins (the data order is the checkpoint's). Returns the warnings for the caller to log."""
         if int(d["num_samples"]) != self.num_samples:
-            raise ValueError(f"sampler checkpoint is for {d['num_samples']} samples but the dataset has "
-                             f"{self.num_samples}; resume with the same data (and the same skip settings)")
+            raise ResumeError(f"sampler checkpoint is for {d['num_samples']} samples but the dataset has "
+                              f"{self.num_samples}; resume with the same data (and the same skip settings)")
+        warnings = []
         if int(d["seed"]) != self.seed:
-            logger.warning("sampler seed %s from the checkpoint replaces the configured seed %s",
-                           d["seed"], self.seed)
+            warnings.append(f"sampler seed {d['seed']} from the checkpoint replaces the configured seed {self.seed}")
             self.seed = int(d["seed"])
             self._perm_epoch = -1
         self.epoch = int(d["epoch"])
         self.position = int(d["position"])
+        return warnings

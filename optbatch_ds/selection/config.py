@@ -1,11 +1,18 @@
-"""Selection settings, result type and error: the vocabulary shared by every selection method."""
+"""Selection settings, result type and error: the vocabulary shared by every selection method.
+
+`SelectionConfig` is the one declaration of the selection keys of the "optbatch" section (the
+DeepSpeed JSON's, `optbatch_ds.config.OptBatchConfig` composes it): each key with its default, help
+text and allowed values, validated once in `__post_init__`.
+"""
 from __future__ import annotations
 
-import difflib
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
+
+from optbatch_ds.errors import UserError
+from optbatch_ds.options import as_float, as_int, bad, check_choices, option
 
 METHODS = ("full", "random", "online_hard", "ccs", "infobatch", "optbatch")
 QUOTAS = ("exp_loss", "uniform")
@@ -14,95 +21,57 @@ DISTANCES = ("euclidean", "cosine")
 REWEIGHTS = ("none", "strata", "upweight")
 
 
-class SelectionError(ValueError):
+class SelectionError(UserError):
     """The candidates cannot fill the budget (e.g. too many non-finite losses or sketches)."""
-
-
-def _choice_error(name: str, value, allowed: tuple) -> ValueError:
-    close = difflib.get_close_matches(str(value), allowed, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ValueError(f"SelectionConfig.{name}={value!r} is not valid{hint}; expected one of {list(allowed)}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 @dataclass(frozen=True)
 class SelectionConfig:
-    method: str = field(default="optbatch", metadata={"help": f"selection method, one of {METHODS}"})
-    strata: int = field(default=3, metadata={"help": "K loss-quantile strata (optbatch, ccs)"})
-    temperature: float = field(
-        default=1.0,
-        metadata={"help": "tau of the exp(loss / tau) quota draw (optbatch); inf = unweighted draw"},
-    )
-    temperature_end: float | None = field(
-        default=None,
-        metadata={"help": "optbatch: tau at the end of training; 1/tau moves linearly from 1/temperature to "
-                          "1/temperature_end over training (negative: the draw prefers LOW loss; inf: unweighted). "
-                          "None = constant temperature"},
-    )
-    quotas: str = field(
-        default="exp_loss",
-        metadata={"help": "optbatch stratum quotas: 'exp_loss' (draw ~ exp(loss/tau)) or 'uniform' (unweighted draw)"},
-    )
-    within: str = field(
-        default="farthest",
-        metadata={"help": "optbatch choice inside a stratum: 'farthest' (farthest-point in sketch space) or 'random'"},
-    )
-    distance: str = field(
-        default="euclidean", metadata={"help": "sketch distance for farthest-point: 'euclidean' or 'cosine'"}
-    )
-    reweight: str = field(
-        default="none",
-        metadata={"help": "optbatch: 'none'; 'strata' = weight a selected sample of stratum s by "
-                          "(n_s / q_s) * (budget / c), the stratified-sampling estimator of the pool's mean loss; "
-                          "'upweight' = the same weight where it is above 1 (strata the quotas under-sample), 1 "
-                          "elsewhere: InfoBatch's rescaling of the thinned low-loss part, per stratum"},
-    )
-    outlier_fence: float = field(
-        default=0.0,
-        metadata={"help": "optbatch: candidates with loss above Q3 + outlier_fence * IQR of the pool (Tukey's "
-                          "fence) are suspected defects and only fill the budget when the rest cannot; 0 = off"},
-    )
-    seed: int = field(default=0, metadata={"help": "seed of the selection draws (combined with the step)"})
+    """How step 4 (DESIGN §2) chooses `budget` of the c candidates; see `select`."""
+
+    method: str = option("optbatch", "Selection method: optbatch, or a baseline: random, online_hard (top loss), "
+                         "ccs (loss strata, even budget), infobatch (drop low-loss, reweight the rest), full "
+                         "(no pruning).", choices=METHODS)
+    strata: int = option(3, "K loss-quantile strata (optbatch, ccs); 1 = none.")
+    temperature: float = option(1.0, "tau of the exp(loss / tau) quota draw (optbatch); \"inf\" = flat.")
+    temperature_end: float | None = option(
+        None, "tau at the last step: 1/tau moves linearly from 1/temperature to 1/temperature_end over training; "
+              "negative favours low loss late in training (when the highest losses are mostly defects), \"inf\" "
+              "ends flat; null = constant.")
+    quotas: str = option("exp_loss", "optbatch stratum quotas: exp_loss (how many of an exp(loss / tau) draw fall "
+                         "in each stratum) or uniform (ablation).", choices=QUOTAS)
+    within: str = option("farthest", "optbatch choice inside a stratum: farthest (farthest-point in sketch space) "
+                         "or random (ablation).", choices=WITHIN)
+    distance: str = option("euclidean", "Sketch distance of the farthest-point step: euclidean or cosine.",
+                           choices=DISTANCES)
+    reweight: str = option("none", "optbatch loss weights: none (the paper's); strata: each trained sample "
+                           "weighted by its stratum's size / quota (mean 1), the stratified-sampling estimate of the "
+                           "pool's loss; upweight: that weight only where it is above 1 (strata the quotas "
+                           "under-sample), like InfoBatch's rescaling.", choices=REWEIGHTS)
+    outlier_fence: float = option(0.0, "k of Tukey's fence Q3 + k IQR over each pool's losses (optbatch): candidates "
+                                  "above it (suspected defects) only fill the budget when the rest cannot; 0 = off.")
+    seed: int = option(0, "Seed of the selection draws (combined with the step) and of the sketch projection.")
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise _choice_error("method", self.method, METHODS)
-        if self.quotas not in QUOTAS:
-            raise _choice_error("quotas", self.quotas, QUOTAS)
-        if self.within not in WITHIN:
-            raise _choice_error("within", self.within, WITHIN)
-        if self.distance not in DISTANCES:
-            raise _choice_error("distance", self.distance, DISTANCES)
-        if self.reweight not in REWEIGHTS:
-            raise _choice_error("reweight", self.reweight, REWEIGHTS)
-        if not _is_int(self.strata) or self.strata < 1:
-            raise ValueError(f"SelectionConfig.strata={self.strata!r} is not valid; expected an integer >= 1")
-        f = self.outlier_fence
-        if isinstance(f, (bool, np.bool_)) or not isinstance(f, (int, float, np.integer, np.floating)) \
-                or not math.isfinite(float(f)) or float(f) < 0:
-            raise ValueError(f"SelectionConfig.outlier_fence={f!r} is not valid; expected a number >= 0 (0 = off)")
-        object.__setattr__(self, "outlier_fence", float(f))
-        if not _is_int(self.seed):
-            raise ValueError(f"SelectionConfig.seed={self.seed!r} is not valid; expected an integer")
-        t = self.temperature
-        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, float, np.integer, np.floating)):
-            raise ValueError(f"SelectionConfig.temperature={t!r} is not valid; expected a number > 0 (or inf)")
-        if math.isnan(float(t)) or float(t) <= 0:
-            raise ValueError(f"SelectionConfig.temperature={t!r} is not valid; expected a number > 0 (or inf)")
+        check_choices(self, SelectionConfig)
+        strata = as_int(self.strata, "strata")
+        if strata < 1:
+            raise bad("strata", f"{self.strata!r} must be an integer >= 1 (1 = no strata)")
+        t = as_float(self.temperature, "temperature")
+        if not t > 0:  # also NaN
+            raise bad("temperature", f"{self.temperature!r} must be a number > 0 (or \"inf\")")
         te = self.temperature_end
         if te is not None:
-            if isinstance(te, (bool, np.bool_)) or not isinstance(te, (int, float, np.integer, np.floating)) \
-                    or math.isnan(float(te)) or float(te) == 0:
-                raise ValueError(f"SelectionConfig.temperature_end={te!r} is not valid; expected a nonzero number, "
-                                 "inf, or None")
-            object.__setattr__(self, "temperature_end", float(te))
+            te = as_float(te, "temperature_end")
+            if te != te or te == 0:
+                raise bad("temperature_end", f"{self.temperature_end!r} must be a nonzero number, \"inf\" or null")
+        fence = as_float(self.outlier_fence, "outlier_fence", allow_inf=False)
+        if not (math.isfinite(fence) and fence >= 0):
+            raise bad("outlier_fence", f"{self.outlier_fence!r} must be a number >= 0 (0 = off, 1.5 = Tukey's usual)")
         # Normalise numeric types so equality, hashing and JSON dumps are plain Python values.
-        object.__setattr__(self, "temperature", float(t))
-        object.__setattr__(self, "strata", int(self.strata))
-        object.__setattr__(self, "seed", int(self.seed))
+        for key, value in (("strata", strata), ("temperature", t), ("temperature_end", te),
+                           ("outlier_fence", fence), ("seed", as_int(self.seed, "seed"))):
+            object.__setattr__(self, key, value)
 
     def inverse_temperature(self, progress: float) -> float:
         """1/tau of the quota draw at `progress` in [0, 1] (fraction of training done): 1/temperature
@@ -114,7 +83,7 @@ class SelectionConfig:
         return (1.0 - p) * start + p * (1.0 / self.temperature_end)
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(SelectionConfig)}
 
 
 @dataclass
@@ -124,10 +93,13 @@ class SelectionResult:
     indices: int64 positions into the candidate arrays (length == budget, distinct), in selection
         order (optbatch: greedy pick order, highest-loss stratum first; sort them if order matters).
     weights: float32 per-selected-sample loss weight, aligned with indices, mean 1 (1.0 except infobatch
-        and optbatch with reweight="strata").
+        and optbatch with reweight="strata" / "upweight").
     info: JSON-serialisable diagnostics (quotas, stratum sizes, counts of excluded candidates, ...).
+    strata: int64 (c,) the loss stratum each candidate was placed in (0 = lowest loss), -1 where none:
+        a method without strata, a non-finite candidate, or one set aside above the outlier fence.
     """
 
     indices: np.ndarray
     weights: np.ndarray
     info: dict
+    strata: np.ndarray | None = None

@@ -72,12 +72,21 @@ def _draw_in_strata(groups, quotas, generator) -> torch.Tensor:
 
 def _random(loss, sk, budget, config, generator, progress):
     perm = torch.randperm(loss.numel(), generator=generator, device=generator.device).cpu()
-    return perm[:budget], None, {}
+    return perm[:budget], None, {}, None
 
 
 def _online_hard(loss, sk, budget, config, generator, progress):
     # Stable descending sort keeps equal losses in position order: ties go to the lower index.
-    return torch.sort(loss, descending=True, stable=True).indices[:budget], None, {}
+    return torch.sort(loss, descending=True, stable=True).indices[:budget], None, {}, None
+
+
+def _stratum_labels(n: int, groups: list[torch.Tensor], members: torch.Tensor | None = None) -> np.ndarray:
+    """(n,) int64: the stratum of each of n positions, -1 where none; groups hold positions into
+    `members` (a subset of the n) when given, else into the n themselves."""
+    labels = np.full(n, -1, dtype=np.int64)
+    for s, g in enumerate(groups):
+        labels[(g if members is None else members[g]).numpy()] = s
+    return labels
 
 
 def _strata_info(loss, groups, quotas) -> dict:
@@ -91,7 +100,8 @@ def _strata_info(loss, groups, quotas) -> dict:
 def _ccs(loss, sk, budget, config, generator, progress):
     groups = loss_strata(loss, config.strata)
     quotas = even_quotas([g.numel() for g in groups], budget)
-    return _draw_in_strata(groups, quotas, generator), None, _strata_info(loss, groups, quotas)
+    return (_draw_in_strata(groups, quotas, generator), None, _strata_info(loss, groups, quotas),
+            _stratum_labels(loss.numel(), groups))
 
 
 def _infobatch(loss, sk, budget, config, generator, progress):
@@ -129,7 +139,7 @@ def _infobatch(loss, sk, budget, config, generator, progress):
         "dropped_low": int(drop_low.numel()),
         "dropped_other": int(drop_other.numel()),
     }
-    return kept, weights, info
+    return kept, weights, info, None
 
 
 def loss_fence(loss: torch.Tensor, k: float) -> float:
@@ -153,7 +163,7 @@ def _optbatch(loss, sk, budget, config, generator, progress):
     extra = {"outlier_fence": _json_float(fence), "suspects": int(suspects.numel())}
     if inside.numel() < budget:  # not enough below the fence: keep them all, top up with the mildest suspects
         order = torch.sort(loss[suspects], stable=True).indices
-        return torch.cat([inside, suspects[order[:budget - inside.numel()]]]), None, extra
+        return torch.cat([inside, suspects[order[:budget - inside.numel()]]]), None, extra, None
     sub_loss = loss[inside]
     # the fence may leave fewer candidates than strata; without a fence that is the caller's error
     strata = min(config.strata, inside.numel()) if config.outlier_fence > 0 else config.strata
@@ -175,7 +185,7 @@ def _optbatch(loss, sk, budget, config, generator, progress):
         weights = stratum_weights(groups, quotas, picks)
         if config.reweight == "upweight":
             weights = np.maximum(weights, 1.0)
-    return inside[picks], weights, info
+    return inside[picks], weights, info, _stratum_labels(loss.numel(), groups, inside)
 
 
 def stratum_weights(groups: list[torch.Tensor], quotas: list[int], picks: torch.Tensor) -> np.ndarray:
@@ -214,7 +224,7 @@ def select(losses, sketches, budget: int, config: SelectionConfig,
     budget == c and returns every candidate in order, finite or not (info["nonfinite"] counts them).
     progress: the fraction of training done, in [0, 1]; only optbatch's temperature schedule
     (temperature_end) reads it.
-    Returns positions 0..c-1 into the candidate arrays; see SelectionResult.
+    Returns positions 0..c-1 into the candidate arrays, and each candidate's stratum; see SelectionResult.
     """
     if not isinstance(config, SelectionConfig):
         raise TypeError(f"config must be a SelectionConfig, got {type(config).__name__}")
@@ -232,7 +242,7 @@ def select(losses, sketches, budget: int, config: SelectionConfig,
         mean = _json_float(loss[finite].mean()) if bool(finite.any()) else None
         info.update(excluded_nonfinite=0, nonfinite=int((~finite).sum()),
                     mean_loss_candidates=mean, mean_loss_selected=mean)
-        return SelectionResult(indices, np.ones(c, dtype=np.float32), info)
+        return SelectionResult(indices, np.ones(c, dtype=np.float32), info, np.full(c, -1, dtype=np.int64))
 
     if config.method == "optbatch" and config.within == "farthest" and sk is None:
         raise ValueError("method 'optbatch' with within='farthest' needs sketches of shape (c, k); got None "
@@ -246,13 +256,16 @@ def select(losses, sketches, budget: int, config: SelectionConfig,
         raise SelectionError(
             f"only {valid.numel()} of {c} candidates have a finite loss and sketch ({excluded} non-finite); "
             f"cannot select budget={budget}")
-    local, weights, extra = _METHODS[config.method](
+    local, weights, extra, local_strata = _METHODS[config.method](
         loss[valid], None if sk is None else sk[valid], budget, config, generator, progress)
     indices = valid[local]
+    strata = np.full(c, -1, dtype=np.int64)
+    if local_strata is not None:
+        strata[valid.numpy()] = local_strata
     if weights is None:
         weights = np.ones(budget, dtype=np.float32)
     info.update(excluded_nonfinite=int(excluded),
                 mean_loss_candidates=_json_float(loss[valid].mean()),
                 mean_loss_selected=_json_float(loss[indices].mean()))
     info.update(extra)
-    return SelectionResult(indices.numpy().astype(np.int64), weights.astype(np.float32), info)
+    return SelectionResult(indices.numpy().astype(np.int64), weights.astype(np.float32), info, strata)

@@ -1,8 +1,6 @@
 """Selector: the stateful wrapper the trainer calls each step around the pure `select`."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from .config import SelectionConfig, SelectionResult
@@ -46,12 +44,15 @@ class Selector:
         return {"method": self.config.method, "seed": self.config.seed, "calls": self.calls,
                 "last_step": self.last_step}
 
-    def load_state_dict(self, state: dict) -> None:
-        # The current config wins; a checkpoint made with other settings is worth a warning.
+    def load_state_dict(self, state: dict) -> list[str]:
+        """Restore the counters. The current config wins; returns one warning per setting the checkpoint
+        was written with differently (the caller logs them: this class does no I/O)."""
+        warnings = []
         for key in ("method", "seed"):
             saved, now = state.get(key), getattr(self.config, key)
             if saved is not None and saved != now:
-                warnings.warn(f"selection {key} differs: checkpoint has {saved!r}, config has {now!r}; "
-                              f"using the config's {now!r}", stacklevel=2)
+                warnings.append(f"selection {key} differs: checkpoint has {saved!r}, config has {now!r}; "
+                                f"using the config's {now!r}")
         self.calls = int(state.get("calls", 0))
         self.last_step = state.get("last_step")
+        return warnings

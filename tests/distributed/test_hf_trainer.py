@@ -71,8 +71,9 @@ def _body(rank, world, mode, accum, method, out):
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):  # a no-op unless ZeRO-3
         changed = {k: not torch.equal(before[k], p.detach()) for k, p in trainer.model.named_parameters()}
     logged = [h for h in trainer.state.log_history if "optbatch/mean_loss_selected" in h]
+    sizes = trainer._ob.rt.sizes  # the shared step's runtime, built with the train dataloader
     return {"rank": rank, "history": trainer.optbatch_history, "trained": trainer.trained, "changed": changed,
-            "b": trainer._ob.b, "c": trainer._ob.c, "logged": logged, "curvature_check": curvature_check,
+            "b": sizes.train_batch_size, "c": sizes.candidates, "logged": logged, "curvature_check": curvature_check,
             "config": trainer.optbatch}
 
 

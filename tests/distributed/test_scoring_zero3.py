@@ -1,4 +1,5 @@
 """Scoring under ZeRO-3 on 2 ranks equals a single-process computation; architectures users bring."""
+import dataclasses
 import os
 
 import pytest
@@ -26,10 +27,10 @@ def workdir(tmp_path_factory):
     import transformers
 
     from optbatch_ds.modeling import build_default_model, cache_root
-    from optbatch_ds.trainer import _ensure_demo_data
+    from optbatch_ds.session import ensure_demo_data
 
     root = tmp_path_factory.mktemp("archs")
-    demo = _ensure_demo_data(os.path.join(cache_root(str(root / "x")), "demo_data"))
+    demo = ensure_demo_data(os.path.join(cache_root(str(root / "x")), "demo_data"))
     texts = [m["content"] for l in read_jsonl(demo["train"]) for m in l["messages"]]
     default = build_default_model(texts, cache_root(str(root / "x")), seed=0)
     tok = transformers.AutoTokenizer.from_pretrained(default)
@@ -65,8 +66,8 @@ def _gathered_vs_single_body(rank, world, model_dir, demo_train):
     from optbatch_ds.config import OptBatchConfig
     from optbatch_ds.data import encode_examples, load_examples
     from optbatch_ds.modeling import load_model, load_tokenizer
-    from optbatch_ds.scoring import SketchProjection, curvature_inv_sqrt
-    from optbatch_ds.trainer import collate, per_sample_nll, score_candidates
+    from optbatch_ds.batching import collate, per_sample_nll
+    from optbatch_ds.scoring import Scorer, SketchProjection, curvature_inv_sqrt
 
     comm.init_distributed(120)
     ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 8,
@@ -87,7 +88,8 @@ def _gathered_vs_single_body(rank, world, model_dir, demo_train):
     proj = SketchProjection(vocab, 64, seed=0)
     timers = dict.fromkeys(("score_forward", "features"), 0.0)
     fixed = enc[:12]  # the same 12 samples: 6 per rank under ZeRO-3, all 12 in one process
-    l, f, _ = score_candidates(engine, fixed[6 * rank: 6 * rank + 6], tok.pad_token_id, ob, inv, proj, 4, timers)
+    scorer = Scorer(ob.feature, ob.vocab_chunk, with_features=True, projection=proj, batch_size=4, pad_id=tok.pad_token_id)
+    l, f, _ = scorer.score(engine, fixed[6 * rank: 6 * rank + 6], inv, timers)
     all_l, all_f = comm.gather_to_rank0(l), comm.gather_to_rank0(f)
     state = {}
     for name, p in engine.module.named_parameters():
@@ -101,7 +103,8 @@ def _gathered_vs_single_body(rank, world, model_dir, demo_train):
     plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(state, strict=False)
     assert not unexpected
-    sl, sf, _ = score_candidates(_Plain(plain), fixed, tok.pad_token_id, ob, inv, proj, 5, dict(timers))
+    single = dataclasses.replace(scorer, batch_size=5)  # other batch boundaries than the ranks'
+    sl, sf, _ = single.score(_Plain(plain), fixed, inv, dict(timers))
     return {"l": all_l, "f": all_f, "sl": sl, "sf": sf, "inv_is_none": inv is None}
 
 

@@ -2,10 +2,10 @@
 
     python -m pytest tests/faults/test_nonfinite.py -q
 
-The faults are injected by monkeypatching, inside each rank, the functions the trainer looks up at
-call time (`optbatch_ds.scoring.output_layer_features`, `optbatch_ds.trainer.per_sample_nll`), then
-running the real recipe (`tests.helpers.train_body`). `optbatch_ds.trainer.collate` is wrapped too, only
-to learn which dataset indices (`Encoded.index`) sit in the batch being poisoned.
+The faults are injected by monkeypatching, inside each rank, the functions the shared step looks up at
+call time (`optbatch_ds.scoring.features.output_layer_features` for scoring, `optbatch_ds.batching.per_sample_nll`
+for the training loss), then running the real recipe (`tests.helpers.train_body`). `optbatch_ds.batching.collate`
+is wrapped too, only to learn which dataset indices (`Encoded.index`) sit in the batch being poisoned.
 """
 import math
 import re
@@ -33,25 +33,25 @@ def _argv(out, data_args, *extra):
             "--log-every", "0", "--no-export", *data_args, *extra]
 
 
-def _record_batches(trainer):
-    """Wrap trainer.collate so the test knows the dataset indices of the batch being built."""
+def _record_batches(batching):
+    """Wrap batching.collate so the test knows the dataset indices of the batch being built."""
     seen = {"batch": []}
-    original = trainer.collate
+    original = batching.collate
 
     def collate(encoded, pad_id, device):
         seen["batch"] = [e.index for e in encoded]
         return original(encoded, pad_id, device)
 
-    trainer.collate = collate
+    batching.collate = collate
     return seen
 
 
 def _poisoned_scores_body(rank, world_size, argv):
-    import optbatch_ds.scoring as scoring
-    import optbatch_ds.trainer as trainer
+    import optbatch_ds.batching as batching
+    import optbatch_ds.scoring.features as features
 
-    seen = _record_batches(trainer)
-    original = scoring.output_layer_features
+    seen = _record_batches(batching)
+    original = features.output_layer_features
     poisoned = []  # (scoring call, dataset index) on this rank
 
     def output_layer_features(hidden, logits, labels, **kw):
@@ -64,7 +64,7 @@ def _poisoned_scores_body(rank, world_size, argv):
         poisoned.append(seen["batch"][POISON_ROW])
         return losses, feats
 
-    scoring.output_layer_features = output_layer_features
+    features.output_layer_features = output_layer_features
     res = train_body(rank, world_size, argv)
     return {"poisoned": poisoned, "history": res["history"]}
 
@@ -91,10 +91,11 @@ def test_nonfinite_candidates_are_excluded_and_counted(root, data_args):
 def _nan_training_loss_body(rank, world_size, argv):
     import torch
 
-    import optbatch_ds.trainer as trainer
+    import optbatch_ds.batching as batching
+    import optbatch_ds.step as step
 
-    seen = _record_batches(trainer)
-    original = trainer.per_sample_nll
+    seen = _record_batches(batching)
+    original = batching.per_sample_nll
     calls, bad = [0], []
 
     def per_sample_nll(logits, labels):
@@ -105,11 +106,11 @@ def _nan_training_loss_body(rank, world_size, argv):
             per = torch.where(torch.arange(len(per)) == POISON_ROW, torch.full_like(per, math.nan), per)
         return per
 
-    trainer.per_sample_nll = per_sample_nll
+    batching.per_sample_nll = per_sample_nll
     t0 = time.monotonic()
     try:
         train_body(rank, world_size, argv)
-    except trainer.NonFiniteLossError as exc:
+    except step.NonFiniteLossError as exc:
         return {"error": type(exc).__name__, "message": str(exc), "bad": bad, "seconds": time.monotonic() - t0}
     return {"error": None, "bad": bad}
 

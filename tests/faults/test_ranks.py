@@ -162,25 +162,25 @@ def test_stuck_rank_stops_the_real_run_after_collective_timeout(root, small_run)
 def _slow_setup_body(rank, world_size, argv, setup_s):
     """Local rank 0 takes `setup_s` (> the collective timeout) to load its data, as a large dataset or the
     first build of the default model does; the others wait for it in the setup barrier."""
-    import optbatch_ds.data as data
+    import optbatch_ds.session as session
     from optbatch_ds import comm
     from optbatch_ds.config import parse_args
     from optbatch_ds.trainer import train
 
-    if rank == 0:
-        load_examples, slept = data.load_examples, []
+    if rank == 0:  # the set-up loads data through session.load_examples
+        load_examples, slept = session.load_examples, []
 
         def slow_load_examples(*args, **kw):
             if not slept:
                 slept.append(time.sleep(setup_s))
             return load_examples(*args, **kw)
 
-        data.load_examples = slow_load_examples
+        session.load_examples = slow_load_examples
     os.chdir(REPO)
     run = parse_args(argv)
     r, w, local = comm.init_distributed(run.collective_timeout)
     try:
-        res = train(run, r, w, local)
+        res = train(run, r, w, local, record_history=True)
     except RuntimeError as exc:  # gloo's timeout
         return {"error": str(exc)[:300]}
     return {"error": None, "steps": len(res["history"])}

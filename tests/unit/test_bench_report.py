@@ -3,7 +3,8 @@ import math
 
 import pytest
 
-from optbatch_ds.bench_report import _mean_std, full_cost_to_reach, paired_differences, plateau_epoch, plateau_note
+from optbatch_ds.bench.io import mean_std
+from optbatch_ds.bench.report import full_cost_to_reach, paired_differences, plateau_epoch, plateau_note
 
 pytestmark = pytest.mark.unit
 
@@ -37,9 +38,9 @@ def test_plateau_epoch_is_where_loss_stays_within_tolerance_of_best():
 
 
 def test_mean_std_is_sample_std_and_skips_nan():
-    m, sd = _mean_std([1.0, 2.0, 3.0, float("nan"), None])
+    m, sd = mean_std([1.0, 2.0, 3.0, float("nan"), None])
     assert m == 2.0 and sd == pytest.approx(1.0)
-    m, sd = _mean_std([5.0])
+    m, sd = mean_std([5.0])
     assert m == 5.0 and math.isnan(sd)
 
 

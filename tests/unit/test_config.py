@@ -100,3 +100,48 @@ def test_bad_json_names_line(tmp_path):
     p.write_text('{\n "train_batch_size": 16,\n oops\n}')
     with pytest.raises(ConfigError, match=r"ds.json:3"):
         resolve(RunConfig(deepspeed=str(p)), 2)
+
+
+def test_each_optbatch_key_is_declared_once_and_composed():
+    """OptBatchConfig's keys are SelectionConfig's and ScoringConfig's plus prune_ratio: nothing copied by hand."""
+    from dataclasses import fields
+
+    from optbatch_ds.scoring import ScoringConfig
+    from optbatch_ds.selection import SelectionConfig
+
+    own = {f.name for f in fields(OptBatchConfig)}
+    sel, sco = {f.name for f in fields(SelectionConfig)}, {f.name for f in fields(ScoringConfig)}
+    assert own == sel | sco | {"prune_ratio"} and not sel & sco
+    ob = OptBatchConfig.from_dict({"method": "ccs", "strata": 5, "sketch_dim": 64, "outlier_fence": 1.5})
+    assert ob.selection_config() == SelectionConfig(method="ccs", strata=5, outlier_fence=1.5)
+    # one validator per key, one message format, whichever class is built
+    for cls in (OptBatchConfig, SelectionConfig):
+        with pytest.raises(ConfigError, match=r'^"optbatch"\.quotas: \'exp\' is not one of exp_loss, uniform; '
+                                              r"did you mean 'exp_loss'\?$"):
+            cls(quotas="exp")
+
+
+def test_readme_optbatch_table_is_generated_from_the_declarations():
+    """The README's "optbatch" table is `config.optbatch_table()`: every key, its real default and its help text,
+    so the docs cannot drift from the code (regenerate with `python -m optbatch_ds.config`)."""
+    from dataclasses import fields
+
+    from optbatch_ds.config import optbatch_table
+
+    table = optbatch_table()
+    assert table in open("README.md", encoding="utf-8").read()
+    keys = [line.split("|")[1].strip().strip("`") for line in table.splitlines()[2:]]
+    assert sorted(keys) == sorted(f.name for f in fields(OptBatchConfig))
+    assert "| `score_batch_size` | 0 | Samples per scoring forward; 0 = 2 x train_micro_batch_size_per_gpu" in table
+
+
+def test_run_config_is_checked_on_creation():
+    with pytest.raises(ConfigError, match=r"unknown value 'ignore' \(--on-bad-record\); choose one of error, skip"):
+        RunConfig(on_bad_record="ignore")
+    with pytest.raises(ConfigError, match=r"unknown data format 'alpacca' \(--data-format\).*did you mean 'alpaca'"):
+        RunConfig(data_format="alpacca")
+    with pytest.raises(ConfigError, match="--max-seq-len 4 is too small"):
+        RunConfig(max_seq_len=4)
+    with pytest.raises(ConfigError, match="--resume /no/such/dir: no such checkpoint"):
+        RunConfig(resume="/no/such/dir")
+    assert RunConfig(resume="auto", epochs=0.5).epochs == 0.5

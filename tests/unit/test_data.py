@@ -398,7 +398,8 @@ def test_sampler_state_round_trip():
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     assert [a.draw(4) for _ in range(8)] == [b.draw(4) for _ in range(8)]
     c = EpochSampler(17, seed=1)
-    c.load_state_dict(a.state_dict())
+    warned = c.load_state_dict(a.state_dict())  # the checkpoint's seed wins, and the recipe logs why
     assert c.seed == 9 and c.draw(4) == a.draw(4)
+    assert len(warned) == 1 and "seed 9" in warned[0] and "seed 1" in warned[0]
     with pytest.raises(ValueError, match="17"):
         EpochSampler(16, seed=9).load_state_dict(a.state_dict())

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from optbatch_ds.data import load_examples, make_demo_data
-from optbatch_ds.data.demo import EN_ADJS, EN_NOUNS, ZORBISH
+from optbatch_ds.data.demo import EN_ADJS, EN_NOUNS, ZORBISH, DemoSpec
 
 pytestmark = pytest.mark.unit
 
@@ -121,14 +121,14 @@ def test_records_parse_with_load_examples(demo):
 
 
 def test_sizes_rates_and_mix_are_parameters(tmp_path):
-    out = make_demo_data(tmp_path, seed=5, n_train=200, n_eval_per_task=10,
-                         task_mix={"qa": 1, "translation": 1}, duplicate_rate=0.2, misaligned_rate=0.0,
-                         truncated_rate=0.1)
+    out = make_demo_data(tmp_path, seed=5, spec=DemoSpec(n_train=200, n_eval_per_task=10,
+                                                         task_mix={"qa": 1, "translation": 1}, duplicate_rate=0.2,
+                                                         misaligned_rate=0.0, truncated_rate=0.1))
     s = out["stats"]
     assert s["train"]["by_task"] == {"qa": 100, "translation": 100}
     assert s["train"]["by_defect"] == {"duplicate": 40, "none": 140, "truncated": 20}
     assert s["eval"]["by_task"] == {"dialogue": 10, "qa": 10, "translation": 10}
     with pytest.raises(ValueError, match="task_mix"):
-        make_demo_data(tmp_path, task_mix={"chat": 1})
+        DemoSpec(task_mix={"chat": 1})
     with pytest.raises(ValueError, match="defect rates"):
-        make_demo_data(tmp_path, duplicate_rate=0.5, misaligned_rate=0.5)
+        DemoSpec(duplicate_rate=0.5, misaligned_rate=0.5)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from optbatch_ds.config import ConfigError
-from optbatch_ds.run_analysis import analyse, load_run, roc_auc
+from optbatch_ds.bench.analyze_run import analyse, load_run, roc_auc
 
 pytestmark = pytest.mark.unit
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optbatch_ds import scoring
+from optbatch_ds.scoring import features as scoring  # the maths module: the patch target of the cache size
 from optbatch_ds.scoring import (
+    FeatureShape,
     SketchProjection,
     hidden_features,
     output_layer_features,
@@ -302,13 +303,13 @@ def test_peak_memory_formula_matches_a_real_run(monkeypatch, B, T, d, V, chunk, 
     peak, largest = _profiled_peak_bytes(
         lambda: output_layer_features(hidden, logits, labels, inv_sqrt_v=inv, projection=proj, vocab_chunk=chunk))
     s = 8 if dtype == torch.float64 else 4
-    bound = peak_feature_memory_bytes(B, T, d, V, chunk, k, dtype_bytes=s, sketch_block=block,
-                                      supervised=supervised, logits_bytes=logits.element_size())
+    bound = peak_feature_memory_bytes(FeatureShape(B, T, d, V, supervised=supervised), chunk, k, dtype_bytes=s,
+                                      sketch_block=block, logits_bytes=logits.element_size())
     print(f"measured peak {peak} B, formula {bound} B ({peak / bound:.3f}); largest allocation {largest} B")
     assert peak <= bound <= 1.05 * peak  # an upper bound, and a tight one
     c, rows = min(chunk, V), B * supervised
     uncached_block = 0 if cached or not k else k * min(block, V) * 4
     assert largest == max(s * rows * c, s * B * c * d, s * B * (k or V), uncached_block)
     # The default (no `supervised`) bounds every batch of that shape.
-    assert peak_feature_memory_bytes(B, T, d, V, chunk, k, dtype_bytes=s, sketch_block=block,
+    assert peak_feature_memory_bytes(FeatureShape(B, T, d, V), chunk, k, dtype_bytes=s, sketch_block=block,
                                      logits_bytes=logits.element_size()) >= bound

@@ -1,45 +1,52 @@
-"""Offline OptBatch selection: score a whole dataset with a model, keep what the selector keeps, write it out.
+"""Offline OptBatch selection (pruning): score a whole dataset with a model, keep what the selector keeps.
 
 For users who train elsewhere. Run as:
-    python launch/select.py --deepspeed ds_configs/zero3.json --data train.jsonl --output kept.jsonl
-    deepspeed --num_gpus 2 launch/select.py --deepspeed ds_configs/zero3.json --data F --output OUT --warmup-steps 50
+    python launch/prune.py --deepspeed ds_configs/zero3.json --data train.jsonl --output kept.jsonl
+    deepspeed --num_gpus 2 launch/prune.py --deepspeed ds_configs/zero3.json --data F --output OUT --warmup-steps 50
 
-The recipe, on every rank unless said otherwise:
-  1. data, tokenizer and model exactly as launch/train.py resolves them (`trainer._prepare_data_and_model`:
+The recipe, on every rank unless said otherwise, on the same step functions as launch/train.py
+(`optbatch_ds.step`):
+  1. data, tokenizer and model exactly as launch/train.py resolves them (`session.prepare_data_and_model`:
      no --model builds the small default model, no --data generates the demo set);
-  2. optional warm-up (--warmup-steps N): the first N steps of `launch/train.py --method random` through
-     DeepSpeed (same sampler, selector, LR schedule and loss), so Adam's second moment exists for the
-     curvature features; without it the features use the raw output-layer gradient (v = 1), as the
-     trainer's first step does;
+  2. optional warm-up (--warmup-steps N): the first N steps of `launch/train.py --method random`
+     (`step.choose_batch` + `step.train_on`: same sampler, selector, LR schedule and loss), so Adam's second
+     moment exists for the curvature features; without it the features use the raw output-layer gradient
+     (v = 1), as the trainer's first step does;
   3. the usable samples, in the seeded epoch-0 order of `EpochSampler(n, seed)`, are cut into pools of
-     c = candidates per step; each rank scores its slice of a pool with `trainer.score_candidates`, rank 0
-     gathers (loss, sketch) and runs the same `Selector` as the trainer (the "optbatch" section: method,
-     strata, temperature, ...) with budget b = train_batch_size, selector step = pool id + 1;
-     the last pool, of r < c samples, gets budget round(r * (1 - prune_ratio)) (Python's round, half to
-     even) and at most r strata;
+     c = candidates per step; each rank scores its slice of a pool (`step.score_and_gather`), rank 0 runs
+     the same `Selector` as the trainer (the "optbatch" section: method, strata, temperature, ...) with
+     budget b = train_batch_size, selector step = pool id + 1; the last pool, of r < c samples, gets budget
+     round(r * (1 - prune_ratio)) (Python's round, half to even) and at most r strata. The temperature
+     schedule (temperature_end) does not apply: there is no training progress, so every pool uses
+     `temperature`;
   4. rank 0 writes the kept ORIGINAL records, in input order, in the input's own format (.jsonl lines and
      .json array elements byte for byte as they were, .parquet rows via pyarrow; a `datasets` name or a
      folder of mixed files gives .jsonl), plus `<output stem>.selection.jsonl`, one line per input record:
-     {"index", "source", "pool", "loss", "stratum", "selected"} (+ "skipped": kind for a record skipped as
-     bad, + "weight" for infobatch and optbatch with a reweight), and `<output stem>.selection.summary.json` (counts, budgets, skipped
-     records, timings). Skipped records are counted there and on stderr, never dropped silently.
+     {"index", "source", "pool", "loss", "stratum", "selected"} ("stratum": the loss stratum `select` put it
+     in, null when none: no strata, non-finite, or set aside above the outlier fence; + "skipped": kind for a
+     record skipped as bad, + "weight" for infobatch and optbatch with a reweight), and
+     `<output stem>.selection.summary.json` (counts, budgets, skipped records, timings). Skipped records are
+     counted there and on stderr, never dropped silently.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import random
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from optbatch_ds import comm
-from optbatch_ds.config import ConfigError, RunConfig, _nearest, _Parser, resolve
+from optbatch_ds import comm, step as ob_step
+from optbatch_ds.batching import padded_shard
+from optbatch_ds.comm import log0
+from optbatch_ds.config import ConfigError, Resolved, RunConfig, build_arg_parser as _run_flags, parse_known
+from optbatch_ds.data import EpochSampler
+from optbatch_ds.scoring import curvature_inv_sqrt
+from optbatch_ds.selection import Selector
+from optbatch_ds.session import Prepared, build_engine, prepare_data_and_model, resolve_here, seed_everything
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 # Flags shared with launch/train.py (same names, same help text).
@@ -49,40 +56,21 @@ _SHARED = ("deepspeed", "model", "data", "data_format", "max_seq_len", "seed", "
 
 # ---------------------------------------------------------------------------- command line
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    p = _Parser(description="Score a dataset with a model and write the part OptBatch keeps (offline pruning).",
-                allow_abbrev=False)
-    by_name = {f.name: f for f in fields(RunConfig)}
-    for name in _SHARED:
-        f = by_name[name]
-        kw = {"help": f.metadata["help"], "default": None, "dest": name}
-        if str(f.type) == "bool":
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
-        p.add_argument("--" + name.replace("_", "-"), **kw)
+def build_arg_parser():
+    """launch/prune.py's flags: train.py's data / model / config flags, plus --output and --warmup-steps."""
+    p = _run_flags("Score a dataset with a model and write the part OptBatch keeps (offline pruning).",
+                   names=_SHARED, prog="launch/prune.py")
     p.add_argument("--output", required=True, help="The kept records: a file with the input's extension "
                    "(.jsonl for the demo data, a datasets name or a folder of mixed files).")
     p.add_argument("--warmup-steps", type=int, default=0, dest="warmup_steps",
                    help="Train this many steps of the normal recipe with method=random first (Adam state for "
                         "the curvature features); 0 scores the model as it is.")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, dest="local_rank",
-                   help="Set by the deepspeed launcher; ignored otherwise.")
     return p
 
 
 def parse_args(argv=None) -> tuple[RunConfig, str, int]:
-    parser = build_arg_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        first = unknown[0].split("=")[0]
-        raise ConfigError(f"unknown flag '{first}'{_nearest(first, list(parser._option_string_actions))}")
-    values = {k: getattr(args, k) for k in _SHARED if getattr(args, k) is not None}
-    run = RunConfig(**values)
-    if run.on_bad_record not in ("error", "skip"):
-        raise ConfigError(f"--on-bad-record must be 'error' or 'skip', got '{run.on_bad_record}'")
-    if run.max_seq_len < 8:
-        raise ConfigError(f"--max-seq-len {run.max_seq_len} is too small (at least 8)")
+    args = parse_known(build_arg_parser(), argv)
+    run = RunConfig(**{k: getattr(args, k) for k in _SHARED if getattr(args, k) is not None})
     if args.warmup_steps < 0:
         raise ConfigError(f"--warmup-steps {args.warmup_steps} must be >= 0")
     want = output_suffix(run.data)
@@ -248,170 +236,155 @@ def write_kept(files, kept: list[tuple[int, int]], output: str) -> None:
 
 # ---------------------------------------------------------------------------- warm-up and selection
 
-def _warm_up(engine, prep, rs, steps: int, seed: int, rank: int, world: int) -> float:
-    """The first `steps` steps of `launch/train.py --method random`; returns the last step's loss.
+@dataclass
+class Job:
+    """One offline selection: its flags, where it writes, and the ranks (identical on every rank)."""
 
-    The random choice is a pure function of (selector seed, step), so every rank computes it instead of
-    receiving it from rank 0: the same indices the trainer would broadcast."""
-    from optbatch_ds.data import EpochSampler
-    from optbatch_ds.selection import SelectionConfig, Selector
-    from optbatch_ds.trainer import train_on
+    run: RunConfig
+    output: str
+    warmup_steps: int
+    rank: int
+    world: int
 
-    pool, c, b = prep["pool"], rs.candidates, rs.train_batch_size
-    sampler = EpochSampler(len(pool), seed=seed)
-    selector = Selector(SelectionConfig(method="random" if c > b else "full", seed=rs.optbatch.seed))
-    bpr, pad = rs.batch_per_rank, prep["tokenizer"].pad_token_id
+
+def _warm_up(engine, prep: Prepared, rs: Resolved, job: Job) -> float:
+    """The first `job.warmup_steps` steps of `launch/train.py --method random` (full when c == b), through the
+    shared step functions; returns the last step's mean loss on this rank."""
+    ob = rs.optbatch
+    warm = dataclasses.replace(ob, method="random" if rs.candidates > rs.train_batch_size else "full")
+    rt = ob_step.SelectionRuntime.build(engine.module, warm, rs.sizes, prep.tokenizer.pad_token_id, lambda: None,
+                                        None, job.rank)
+    sampler, bpr = EpochSampler(len(prep.pool), seed=job.run.seed), rs.batch_per_rank
     engine.train()
     loss_sum, mine = 0.0, []
-    for step in range(1, steps + 1):
-        cand = [pool[p] for p in sampler.draw(c)]
-        selected = [cand[p] for p in selector(step, torch.zeros(c), None, b).indices.tolist()]
-        mine = selected[rank * bpr:(rank + 1) * bpr]
-        loss_sum, _ = train_on(engine, prep["encoded"], mine, torch.ones(len(mine)), pad, rs.micro_batch_size,
-                               rs.grad_accum, world, step)
+    for step in range(1, job.warmup_steps + 1):
+        cand = [prep.pool[p] for p in sampler.draw(rs.candidates)]
+        choice = ob_step.choose_batch(rt, engine, [], step, ob_step.new_timers())  # random: nothing to score
+        selected = [cand[p] for p in choice.positions.tolist()]
+        mine = selected[job.rank * bpr:(job.rank + 1) * bpr]
+        weights = choice.weights[job.rank * bpr:(job.rank + 1) * bpr]
+        loss_sum, _ = ob_step.train_on(rt, engine, prep.encoded, mine, weights, step)
     return loss_sum / max(len(mine), 1)
 
 
-def _select_pool(selector, cfg, pool_id: int, losses, sketches, budget: int):
-    """Rank 0: (positions kept, weights, info, stratum of each candidate or None) for one pool."""
-    from optbatch_ds.selection import Selector
-    from optbatch_ds.selection.strata import loss_strata
+def _select_pool(selector: Selector, pool_id: int, scores: ob_step.Scores, n: int, budget: int):
+    """Rank 0: (positions kept, weights, info, stratum of each candidate or None) for one pool of n candidates.
 
-    n = losses.numel()
+    The last, partial pool may hold fewer valid candidates than strata: it is cut into as many as it has."""
+    losses = scores.losses[:n]
+    sketches = scores.sketches[:n] if scores.sketches is not None else None
+    if budget == 0:
+        return [], [], {}, [None] * n
+    cfg = selector.config
     finite = torch.isfinite(losses)
     if sketches is not None:
         finite &= torch.isfinite(sketches).all(1)
-    strata = [None] * n
-    if cfg.method in ("optbatch", "ccs") and bool(finite.any()):
-        k = min(cfg.strata, int(finite.sum()))
-        if k != cfg.strata:  # the last, partial pool may hold fewer candidates than strata
-            selector = Selector(dataclasses.replace(cfg, strata=k))
-        valid = torch.nonzero(finite).flatten()
-        for s, members in enumerate(loss_strata(losses.to(torch.float64)[valid], k)):  # as select() cuts them
-            for m in valid[members].tolist():
-                strata[m] = s
-    if budget == 0:
-        return [], [], {}, strata
+    k = min(cfg.strata, int(finite.sum()))
+    if cfg.method in ("optbatch", "ccs") and 0 < k < cfg.strata:
+        selector = Selector(dataclasses.replace(cfg, strata=k))
     result = selector(pool_id + 1, losses, sketches, budget)
+    strata = [int(s) if s >= 0 else None for s in result.strata.tolist()]
     return result.indices.tolist(), result.weights.tolist(), result.info, strata
 
 
-def select_dataset(run: RunConfig, output: str, warmup_steps: int, rank: int, world: int,
-                   local_rank: int) -> dict | None:
-    """The whole offline recipe (module docstring); returns the summary on rank 0, None elsewhere."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    from optbatch_ds.data import EpochSampler
-    from optbatch_ds.modeling import load_model
-    from optbatch_ds.scoring import curvature_inv_sqrt
-    from optbatch_ds.selection import Selector
-    from optbatch_ds.trainer import log0, prepare_data_and_model, score_candidates, sketch_projection
-
-    output = os.path.abspath(output)
-    times = dict.fromkeys(("setup", "warmup", "curvature", "score_forward", "features", "gather", "select",
-                           "write"), 0.0)
-    t0 = time.perf_counter()
-    torch.manual_seed(run.seed)
-    random.seed(run.seed)
-    np.random.seed(run.seed)
-    prep = prepare_data_and_model(run, rank, local_rank, output)
-    pool, tok, report = prep["pool"], prep["tokenizer"], prep["report"]
-    if warmup_steps == 0:
-        run = dataclasses.replace(run, max_steps=1)  # nothing is trained: the LR schedule is moot
-    accel = get_accelerator()
-    rs = resolve(run, world, accelerator=accel.device_name(),
-                 bf16_supported=bool(getattr(accel, "is_bf16_supported", lambda: False)()),
-                 num_train_samples=len(pool))
-    ob, c, b = rs.optbatch, rs.candidates, rs.train_batch_size
-    model, _keep_alive = load_model(prep["model_path"], rs.ds, run.trust_remote_code)
-    prep["check_vocab"](tok, model, prep["model_path"])
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                          if p.requires_grad], config=rs.ds)
-    times["setup"] = time.perf_counter() - t0
-    log0(f"optbatch_ds select | world {world} | model {prep['model_path']} | {len(pool)} samples | method "
-         f"{ob.method} | prune {ob.prune_ratio} | b {b} of c {c} per pool | warm-up {warmup_steps} steps")
-
-    warm_loss = None
-    if warmup_steps:
-        t0 = time.perf_counter()
-        warm_loss = _warm_up(engine, prep, rs, warmup_steps, run.seed, rank, world)
-        times["warmup"] = time.perf_counter() - t0
-        log0(f"warm-up | {warmup_steps} steps | last loss {warm_loss:.4f} | {times['warmup']:.1f}s")
-
-    # --- score pool by pool; rank 0 selects as the trainer would
-    t0 = time.perf_counter()
-    inv_sqrt_v = (curvature_inv_sqrt(engine, ob.eps)
-                  if ob.needs_features and ob.feature == "grad_curvature" else None)
-    times["curvature"] = time.perf_counter() - t0
-    projection = sketch_projection(engine.module, ob)
-    selector, cfg = Selector(ob.selection_config()), ob.selection_config()
-    score_bs = ob.score_batch_size or 2 * rs.micro_batch_size
-    order = EpochSampler(len(pool), seed=run.seed).permutation(0).tolist()
+def _score_pools(rt: ob_step.SelectionRuntime, engine, prep: Prepared, job: Job, times: dict):
+    """Score every pool (collective) and select in each on rank 0: (per-example sidecar fields, per-pool info)."""
+    ob, (c, b) = rt.optbatch, (rt.sizes.candidates, rt.sizes.train_batch_size)
+    order = EpochSampler(len(prep.pool), seed=job.run.seed).permutation(0).tolist()
     pools = [order[s:s + c] for s in range(0, len(order), c)]
+    weighted = ob.method == "infobatch" or (ob.method == "optbatch" and ob.reweight != "none")
     per_example: dict[int, dict] = {}  # example index -> sidecar fields (rank 0)
     pool_info = []
     progress = None
-    if rank == 0:
+    if job.rank == 0:
         from tqdm import tqdm
 
         progress = tqdm(total=len(pools), desc="select", dynamic_ncols=True, mininterval=1.0)
     for pid, positions in enumerate(pools):
         n = len(positions)
-        per = -(-n // world)  # equal slices on every rank (ZeRO-3 forwards are collective): pad with a repeat
-        padded = positions + [positions[0]] * (per * world - n)
-        mine = padded[rank * per:(rank + 1) * per]
-        losses, sketches, _ = score_candidates(engine, [prep["encoded"][pool[p]] for p in mine],
-                                               tok.pad_token_id, ob, inv_sqrt_v, projection, score_bs, times)
-        t0 = time.perf_counter()
-        all_losses = comm.gather_to_rank0(losses)
-        all_sketches = comm.gather_to_rank0(sketches) if sketches is not None else None
-        times["gather"] += time.perf_counter() - t0
-        if rank != 0:
+        mine = padded_shard(positions, job.rank, job.world)  # ZeRO-3 forwards are collective: equal slices
+        timers = ob_step.new_timers()
+        scores = ob_step.score_and_gather(rt, engine, [prep.encoded[prep.pool[p]] for p in mine], timers)
+        for key in ("curvature", "score_forward", "features", "gather"):
+            times[key] += timers[key]
+        if job.rank != 0:
             continue
         t0 = time.perf_counter()
-        all_losses = all_losses[:n]
-        all_sketches = all_sketches[:n] if all_sketches is not None else None
         budget = b if n == c else round(n * (1.0 - ob.prune_ratio))
-        kept, weights, info, strata = _select_pool(selector, cfg, pid, all_losses, all_sketches, budget)
+        kept, weights, info, strata = _select_pool(rt.selector, pid, scores, n, budget)
         times["select"] += time.perf_counter() - t0
         weight_of = dict(zip(kept, weights))
-        weighted = ob.method == "infobatch" or (ob.method == "optbatch" and ob.reweight != "none")
         for j, p in enumerate(positions):
-            line = {"pool": pid, "loss": float(all_losses[j]), "stratum": strata[j], "selected": j in weight_of}
+            line = {"pool": pid, "loss": float(scores.losses[j]), "stratum": strata[j], "selected": j in weight_of}
             if weighted and j in weight_of:
                 line["weight"] = round(float(weight_of[j]), 6)
-            per_example[pool[p]] = line
+            per_example[prep.pool[p]] = line
         pool_info.append({"pool": pid, "candidates": n, "budget": budget,
                           **{k: info[k] for k in ("quotas", "mean_loss_candidates", "mean_loss_selected")
                              if k in info}})
         progress.update(1)
     if progress is not None:
         progress.close()
+    return per_example, pool_info
 
-    summary = None
-    if rank == 0:
+
+def _curvature_once(engine, eps: float):
+    """The curvature read once (collective, on first use): no training happens while scoring pools."""
+    box = []
+
+    def read():
+        if not box:
+            box.append(curvature_inv_sqrt(engine, eps))
+        return box[0]
+
+    return read
+
+
+def select_dataset(job: Job, local_rank: int) -> dict | None:
+    """The whole offline recipe (module docstring); returns the summary on rank 0, None elsewhere. Collective."""
+    run = job.run
+    times = dict.fromkeys(("setup", "warmup", "curvature", "score_forward", "features", "gather", "select",
+                           "write"), 0.0)
+    t0 = time.perf_counter()
+    seed_everything(run.seed)
+    prep = prepare_data_and_model(run, local_rank, job.output)
+    if job.warmup_steps == 0:
+        run = dataclasses.replace(run, max_steps=1)  # nothing is trained: the LR schedule is moot
+    rs = resolve_here(run, job.world, num_train_samples=len(prep.pool))
+    engine, _, _keep_alive = build_engine(prep, rs)
+    times["setup"] = time.perf_counter() - t0
+    ob = rs.optbatch
+    log0(f"optbatch_ds select | world {job.world} | model {prep.model_path} | {len(prep.pool)} samples | method "
+         f"{ob.method} | prune {ob.prune_ratio} | b {rs.train_batch_size} of c {rs.candidates} per pool | "
+         f"warm-up {job.warmup_steps} steps")
+    warm_loss = None
+    if job.warmup_steps:
         t0 = time.perf_counter()
-        summary = _write_all(run, output, prep, per_example, pool_info, report, ob, c, b, warmup_steps,
-                             warm_loss, world, times)
+        warm_loss = _warm_up(engine, prep, rs, job)
+        times["warmup"] = time.perf_counter() - t0
+        log0(f"warm-up | {job.warmup_steps} steps | last loss {warm_loss:.4f} | {times['warmup']:.1f}s")
+    rt = ob_step.SelectionRuntime.build(engine.module, ob, rs.sizes, prep.tokenizer.pad_token_id,
+                                        _curvature_once(engine, ob.eps), None, job.rank)
+    per_example, pool_info = _score_pools(rt, engine, prep, job, times)
+    summary = None
+    if job.rank == 0:
+        summary = _write_all(job, prep, rs, {"per_example": per_example, "pools": pool_info, "warmup_loss": warm_loss,
+                                             "times": times})
         print(f"select | kept {summary['kept']} of {summary['records']} records "
               f"({summary['scored']} scored, {summary['skipped']} skipped as bad"
               + (f": {summary['skipped_by_problem']}" if summary["skipped"] else "")
-              + f") -> {output}", file=sys.stderr, flush=True)
+              + f") -> {job.output}", file=sys.stderr, flush=True)
     comm.barrier()
     return summary
 
 
-def _write_all(run, output, prep, per_example, pool_info, report, ob, c, b, warmup_steps, warm_loss, world,
-               times) -> dict:
-    t0 = time.perf_counter()
-    files = _raw_files(prep["train_spec"])
-    matched = _match_examples(files, prep["examples"], run.data_format)
+def _sidecar_lines(files, prep: Prepared, per_example: dict, data_format: str) -> tuple[list[str], list]:
+    """One sidecar line per input record, in input order, and the (file, record) of every kept record."""
+    matched = _match_examples(files, prep.examples, data_format)
     example_of = {loc: k for k, loc in enumerate(matched)}
     skipped_kinds: dict[str, list[str]] = {}
-    for s in report.skipped:
+    for s in prep.report.skipped:
         skipped_kinds.setdefault(s["source"], []).append(s["kind"])
-    sidecar, summary_path = sidecar_paths(output)
     lines, kept, index = [], [], 0
     for fi, (_, records) in enumerate(files):
         for ri, r in enumerate(records):
@@ -427,31 +400,43 @@ def _write_all(run, output, prep, per_example, pool_info, report, ob, c, b, warm
                             skipped=kinds.pop(0) if len(kinds) > 1 else kinds[0])
             lines.append(json.dumps(line))
             index += 1
-    write_kept(files, kept, output)
+    return lines, kept
+
+
+def _write_all(job: Job, prep: Prepared, rs: Resolved, selection: dict) -> dict:
+    """Rank 0: the kept records, the sidecar and the summary (module docstring); returns the summary."""
+    t0 = time.perf_counter()
+    times, pool_info, report, ob = selection["times"], selection["pools"], prep.report, rs.optbatch
+    files = _raw_files(prep.train_spec)
+    lines, kept = _sidecar_lines(files, prep, selection["per_example"], job.run.data_format)
+    sidecar, summary_path = sidecar_paths(job.output)
+    write_kept(files, kept, job.output)
     _write_atomic(sidecar, ("\n".join(lines) + "\n").encode("utf-8"))
     times["write"] = time.perf_counter() - t0
+    c = rs.candidates
     full = [p for p in pool_info if p["candidates"] == c]
     last = pool_info[-1] if pool_info and pool_info[-1]["candidates"] != c else None
     summary = {
-        "input": prep["train_spec"], "output": output, "sidecar": sidecar, "model": prep["model_path"],
-        "records": index, "scored": len(per_example), "kept": len(kept),
+        "input": prep.train_spec, "output": job.output, "sidecar": sidecar, "model": prep.model_path,
+        "records": len(lines), "scored": len(selection["per_example"]), "kept": len(kept),
         "skipped": report.count(), "skipped_by_problem": report.by_problem(),
         "events": dict(report.events), "skipped_records": report.skipped,
-        "candidates_per_pool": c, "budget_per_pool": b, "full_pools": len(full),
+        "candidates_per_pool": c, "budget_per_pool": rs.train_batch_size, "full_pools": len(full),
         "last_pool": None if last is None else {"candidates": last["candidates"], "budget": last["budget"]},
         "method": ob.method, "prune_ratio": ob.prune_ratio, "optbatch": dataclasses.asdict(ob),
-        "seed": run.seed, "warmup_steps": warmup_steps, "warmup_last_loss": warm_loss, "world_size": world,
-        "seconds": {k: round(v, 4) for k, v in times.items()}, "pools": pool_info,
+        "seed": job.run.seed, "warmup_steps": job.warmup_steps, "warmup_last_loss": selection["warmup_loss"],
+        "world_size": job.world, "seconds": {k: round(v, 4) for k, v in times.items()}, "pools": pool_info,
     }
     _write_atomic(summary_path, (json.dumps(summary, indent=1, default=str) + "\n").encode("utf-8"))
     return summary
 
 
 def main(argv=None) -> int:
+    """launch/prune.py: parse the flags, start the process group, select, clean up."""
     run, output, warmup_steps = parse_args(argv)
     rank, world, local_rank = comm.init_distributed(run.collective_timeout)
     try:
-        select_dataset(run, output, warmup_steps, rank, world, local_rank)
+        select_dataset(Job(run, os.path.abspath(output), warmup_steps, rank, world), local_rank)
     finally:
         comm.cleanup()
     return 0

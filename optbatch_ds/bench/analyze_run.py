@@ -16,9 +16,9 @@ import statistics
 
 import numpy as np
 
-from optbatch_ds.bench_report import WRONG_ANSWERS as DEFECTIVE  # duplicates are right answers seen twice
-from optbatch_ds.bench_report import _labels, _read_json, _read_jsonl
-from optbatch_ds.config import ConfigError
+from optbatch_ds.bench.io import WRONG_ANSWERS as DEFECTIVE  # duplicates are right answers seen twice
+from optbatch_ds.bench.io import read_json, read_jsonl, record_labels
+from optbatch_ds.errors import ConfigError
 
 
 def load_run(run_dir: str) -> tuple[list[dict], list[dict]]:
@@ -27,11 +27,11 @@ def load_run(run_dir: str) -> tuple[list[dict], list[dict]]:
     for path in (sel_path, cfg_path):
         if not os.path.exists(path):
             raise ConfigError(f"{run_dir}: no {os.path.basename(path)} (not a launch/train.py output directory?)")
-    train_data = (_read_json(cfg_path) or {}).get("train_data")
-    labels = _labels(train_data)  # the same labels the benchmark report reads
+    train_data = (read_json(cfg_path) or {}).get("train_data")
+    labels = record_labels(train_data)  # the same labels the benchmark report reads
     if labels is None:
         raise ConfigError(f"{train_data}: records carry no 'task' / 'defect' labels (the demo set does)")
-    return _read_jsonl(sel_path), [{"task": t, "defect": d} for d, t in zip(*labels)]
+    return read_jsonl(sel_path), [{"task": t, "defect": d} for d, t in zip(*labels)]
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:

@@ -1,4 +1,4 @@
-"""launch/select.py end to end: offline selection on an Alpaca .json and a messages .jsonl, 1 and 2 ranks."""
+"""launch/prune.py end to end: offline selection on an Alpaca .json and a messages .jsonl, 1 and 2 ranks."""
 import json
 import os
 import random
@@ -51,7 +51,7 @@ def data(tmp_path_factory):
 
 
 def select(*args, nproc=1):
-    script = ["launch/select.py", *map(str, args)]
+    script = ["launch/prune.py", *map(str, args)]
     cmd = ([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
             str(free_port()), *script] if nproc > 1 else [sys.executable, *script])
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
@@ -145,6 +145,6 @@ def test_messages_jsonl_one_and_two_ranks(data):
 
 
 def test_output_must_match_the_input_format(data):
-    proc = subprocess.run([sys.executable, "launch/select.py", "--data", str(data / "chat.jsonl"), "--output",
+    proc = subprocess.run([sys.executable, "launch/prune.py", "--data", str(data / "chat.jsonl"), "--output",
                            str(data / "x.json")], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "name the output *.jsonl" in proc.stderr

@@ -1,4 +1,4 @@
-"""Step 2 of the OptBatch step (DESIGN.md §2): per-sample signals from one forward pass, no autograd graph.
+"""The maths of step 2 (DESIGN.md §2): per-sample signals from one forward pass, no autograd graph.
 
     losses, feats = output_layer_features(hidden, logits, labels,
                                           inv_sqrt_v=curvature_inv_sqrt(engine, eps=1e-8),
@@ -36,6 +36,7 @@ number of loop iterations.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -302,12 +303,22 @@ class SketchProjection:
         return self.accumulate(out, x.to(dtype), 0)
 
 
-def peak_feature_memory_bytes(B: int, T: int, d: int, V: int, vocab_chunk: int, sketch_dim: int,
-                              dtype_bytes: int = 4, sketch_block: int = 4096, supervised: int | None = None,
-                              logits_bytes: int | None = None) -> int:
+class FeatureShape(NamedTuple):
+    """The sizes `output_layer_features` works on: B samples of T tokens, hidden size d, vocabulary V, and
+    n = `supervised`, the largest number of supervised positions in one sample (None: T - 1, its bound)."""
+
+    B: int
+    T: int
+    d: int
+    V: int
+    supervised: int | None = None
+
+
+def peak_feature_memory_bytes(shape: FeatureShape, vocab_chunk: int, sketch_dim: int, *, dtype_bytes: int = 4,
+                              sketch_block: int = 4096, logits_bytes: int | None = None) -> int:
     """Peak extra memory, in bytes, that `output_layer_features` allocates beyond its inputs.
 
-    s = dtype_bytes of the compute dtype (4 float32, 8 float64); n = `supervised`, the largest number
+    s = dtype_bytes of the compute dtype (4 float32, 8 float64); n = `shape.supervised`, the largest number
     of supervised positions in one sample (default T - 1, its upper bound); N = B n packed rows;
     c = min(vocab_chunk, V); k = sketch_dim; K = k if k > 0 else V; e = logits_bytes (default s):
 
@@ -327,6 +338,7 @@ def peak_feature_memory_bytes(B: int, T: int, d: int, V: int, vocab_chunk: int, 
     and padding cost nothing: only supervised rows are packed. tests/unit/test_scoring.py checks this
     bound against the torch profiler's allocation trace of real runs.
     """
+    B, T, d, V, supervised = shape
     n = max(int(T) - 1, 0) if supervised is None else int(supervised)
     rows, c, k, s = int(B) * n, min(int(vocab_chunk), int(V)), int(sketch_dim), int(dtype_bytes)
     e = s if logits_bytes is None else int(logits_bytes)
@@ -340,113 +352,3 @@ def peak_feature_memory_bytes(B: int, T: int, d: int, V: int, vocab_chunk: int, 
     chunk = max(s * (rows * c + B * c * d), s * rows * c + convert, s * (B * c * d + c * d + B * c),
                 2 * s * B * c + block)
     return persistent + chunk
-
-
-def curvature_inv_sqrt(engine, eps: float) -> torch.Tensor | None:
-    """1 / sqrt(v_hat + eps) for the output layer's weight: (V, d) float32, full, identical on every rank.
-
-    v_hat = exp_avg_sq / (1 - beta2 ** step) is Adam's bias-corrected second moment of
-    `engine.module.get_output_embeddings().weight` (`max_exp_avg_sq` under amsgrad; no correction for
-    optimizers run with bias_correction=False). With tied input/output embeddings (GPT-2) that weight
-    is the same Parameter as the input embedding and its Adam state mixes both roles' gradients: it is
-    used as it is, being what the optimizer divides the output layer's update by.
-
-    Returns None before the first optimizer step (no Adam state yet: use the raw gradient) and for a
-    frozen output layer. Collective: every rank of the data-parallel group must call it, since
-    DeepSpeed assembles the state from the ranks' partitions (all-reduce under ZeRO-1/2, all-gather
-    under ZeRO-3), plus one all-reduce here that checks all ranks count the same optimizer step.
-    The state is read through `deepspeed.utils.safe_get_full_optimizer_state` (ZeRO-1/2/3, fp32 or
-    bf16); without ZeRO, where that accessor returns None, from the torch optimizer's own state for the
-    Parameter (fp32 only: with bf16/fp16 and no ZeRO DeepSpeed keeps the state on fp32 master copies it
-    does not expose, and this raises). Result on the accelerator device (CPU under the CPU accelerator).
-    """
-    from deepspeed.utils import safe_get_full_optimizer_state
-
-    optimizer = engine.optimizer
-    if optimizer is None:
-        raise ValueError("curvature_inv_sqrt needs a DeepSpeed engine built with an optimizer "
-                         "(an Adam-family optimizer in the DeepSpeed config or passed to deepspeed.initialize)")
-    weight = engine.module.get_output_embeddings().weight
-    if not weight.requires_grad:
-        return None
-    state, groups = _adam_state_and_groups(optimizer)
-    step, group = _adam_step_and_group(state, groups, weight)
-    step = _same_on_every_rank(step)
-    if step == 0:
-        # Must be decided before the accessor: under ZeRO-1/2 it raises on the rank that owns the
-        # fragment while the others wait in its all-reduce (a hang), and under ZeRO-3 it raises KeyError.
-        return None
-    key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
-    # After load_checkpoint, ZeRO-1/2 link the loaded Adam state to the parameters' fragments only
-    # inside their next step(); the public accessor would find no state. This is DeepSpeed's own
-    # idempotent linking call (the one step() makes), so reading works right after a resume too.
-    link = getattr(optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if callable(link):
-        link()
-    v = safe_get_full_optimizer_state(weight, key)
-    if v is None:  # no ZeRO, no bf16 optimizer: the torch optimizer keys its state by the Parameter
-        own = state.get(weight, {}) if hasattr(state, "get") else {}
-        if key not in own:
-            raise RuntimeError(
-                f"found no Adam '{key}' for the output layer weight in {type(optimizer).__name__}: without "
-                "ZeRO, fp16/bf16 training keeps Adam's state on fp32 master copies that DeepSpeed's accessors "
-                "do not expose; use ZeRO stage 1, 2 or 3 (or fp32 without ZeRO) with an Adam-family optimizer")
-        v = own[key]
-    shape = tuple(getattr(weight, "ds_shape", weight.shape))  # ZeRO-3: weight.shape is (0,) when partitioned
-    v = v.detach().to(torch.float32).reshape(shape)
-    if group.get("bias_correction", True):
-        beta2 = float(group["betas"][1])
-        v = v / (1.0 - beta2 ** step)
-    return (v + float(eps)).rsqrt_()
-
-
-def _adam_state_and_groups(optimizer):
-    """(state, param_groups) of the torch optimizer doing the Adam update. DeepSpeed's ZeRO and fp16
-    wrappers expose them as properties; the bf16 optimizer only holds the torch optimizer as .optimizer."""
-    for opt in (optimizer, getattr(optimizer, "optimizer", None)):
-        if opt is not None and hasattr(opt, "state") and hasattr(opt, "param_groups"):
-            return opt.state, opt.param_groups
-    raise ValueError(f"cannot find the optimizer state behind {type(optimizer).__name__}")
-
-
-def _adam_step_and_group(state, groups, weight) -> tuple[int, dict]:
-    """Adam's step count and the param-group settings (betas, amsgrad, ...) that apply to `weight`.
-
-    Without ZeRO the torch optimizer holds `weight` itself; under ZeRO its state is keyed by the ranks'
-    flat fp32 partitions, which all step together, so their largest step is the count (FusedAdam of old
-    kept it in the param group). The group is the one holding `weight`, or, under ZeRO where the groups
-    hold flat partitions, any group when all agree on betas / amsgrad / bias_correction.
-    """
-    if not all(g.get("betas") for g in groups):
-        raise ValueError("an optimizer param group has no 'betas': curvature_inv_sqrt needs an Adam-family "
-                         "optimizer (Adam, AdamW, FusedAdam, DeepSpeedCPUAdam)")
-    own = state.get(weight) if hasattr(state, "get") else None
-    entries = [own] if own else list(state.values())
-    steps = [int(round(float(e["step"]))) for e in entries if "step" in e]
-    steps += [int(g["step"]) for g in groups if "step" in g]
-    holding = [g for g in groups if any(p is weight for p in g["params"])]
-    if holding:
-        return max(steps, default=0), holding[0]
-    settings = {(tuple(g.get("betas", ())), bool(g.get("amsgrad", False)), bool(g.get("bias_correction", True)))
-                for g in groups}
-    if len(settings) != 1:
-        raise ValueError(f"the optimizer's param groups disagree on Adam settings {sorted(settings)} and the "
-                         "output layer's group cannot be told apart under ZeRO; use one betas setting")
-    return max(steps, default=0), groups[0]
-
-
-def _same_on_every_rank(step: int) -> int:
-    """The step, after checking every rank has the same (a mismatch would hang the accessor's collective)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return step
-    from deepspeed.accelerator import get_accelerator
-
-    both = torch.tensor([step, -step], dtype=torch.float64, device=get_accelerator().current_device_name())
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    high, low = int(both[0]), -int(both[1])
-    if high != low:
-        raise RuntimeError(f"ranks disagree on the optimizer step count (between {low} and {high}): "
-                           "curvature_inv_sqrt must be called at the same point of training on every rank")
-    return step

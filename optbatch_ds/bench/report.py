@@ -2,97 +2,39 @@
 
 Reads only what launch/train.py writes into a run directory (eval.json, eval_history.jsonl,
 metrics.jsonl, selection.jsonl, config.json) plus bench_status.json, so a report can be rebuilt at
-any time from finished runs (launch/bench.py --report-only). optbatch_ds.bench plans and runs.
+any time from finished runs (launch/bench.py --report-only). `optbatch_ds.bench.plan` plans, `grid` runs.
 """
 from __future__ import annotations
 
 import csv
-import json
-import math
 import os
 import platform
 import re
 import shlex
 import time
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from optbatch_ds.bench import RunSpec
+from optbatch_ds.bench.io import (WRONG_ANSWERS, fmt_value, mean_std, nanmean, read_json, read_jsonl, record_labels,
+                                  tail, write_json)
+from optbatch_ds.bench.plan import RunSpec
+from optbatch_ds.step import TIME_PARTS as _STEP_PARTS
 
-TIME_PARTS = ("draw", "curvature", "score_forward", "features", "gather", "select", "broadcast", "train",
-              "diagnostics", "total")
-
-
-def _fmt_value(v) -> str:
-    return json.dumps(v) if not isinstance(v, str) else v
-
-
-def _tail(path: str, n: int) -> list[str]:
-    try:
-        with open(path, errors="replace") as f:
-            return [l.rstrip("\n") for l in f.readlines()[-n:]]
-    except OSError:
-        return []
+TIME_PARTS = (*_STEP_PARTS, "total")
 
 
 # ---------------------------------------------------------------------------- collect
 
-def _read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    try:
-                        out.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        pass  # a torn last line of a killed run
-    except OSError:
-        pass
-    return out
-
-
-def _nanmean(xs) -> float:
-    xs = [x for x in xs if x is not None and x == x]
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
 def _pool_size(run: RunSpec) -> int | None:
-    """Usable training samples, as the trainer logged them (else the plan's count)."""
-    for line in _tail(os.path.join(run.dir, "log.txt"), 10**6):
+    """Usable training samples, as the trainer recorded them in config.json (None: the plan's count is used).
+
+    Run directories written before config.json carried the count have only the start-up line of log.txt."""
+    derived = (read_json(os.path.join(run.dir, "config.json")) or {}).get("derived", {})
+    if "num_train_samples" in derived:
+        return int(derived["num_train_samples"])
+    for line in tail(os.path.join(run.dir, "log.txt"), 10**6):  # older runs: the human-readable banner
         m = re.search(r"\| train (\d+) samples \|", line)
         if m:
             return int(m.group(1))
     return None
-
-
-WRONG_ANSWERS = ("misaligned", "truncated")  # demo "defect" labels of records whose answer is wrong
-_LABELS: dict[str, tuple | None] = {}
-
-
-def _labels(train_spec: str | None) -> tuple[list, list] | None:
-    """Per-example (defect, task) labels of the training data (the demo set carries both), else None."""
-    if not train_spec:
-        return None
-    if train_spec not in _LABELS:
-        try:
-            from optbatch_ds.data import load_examples
-
-            examples = load_examples(train_spec)
-            defects = [e.meta.get("defect") for e in examples]
-            _LABELS[train_spec] = (defects, [e.task for e in examples]) if any(d is not None for d in defects) else None
-        except Exception:  # a diagnostic only: never fail the report over it
-            _LABELS[train_spec] = None
-    return _LABELS[train_spec]
 
 
 def trained_mix(run_dir: str) -> tuple[float, dict[str, float]]:
@@ -100,14 +42,14 @@ def trained_mix(run_dir: str) -> tuple[float, dict[str, float]]:
 
     (nan, {}) without labels. The pool's mix is the dataset's (every sample is scored once per epoch),
     so a task's share moving away from its dataset share is the selection's doing."""
-    cfg = _read_json(os.path.join(run_dir, "config.json")) or {}
-    labels = _labels(cfg.get("train_data"))
+    cfg = read_json(os.path.join(run_dir, "config.json")) or {}
+    labels = record_labels(cfg.get("train_data"))
     if labels is None:
         return float("nan"), {}
     defects, tasks = labels
     bad = total = 0
     per_task: dict[str, int] = {}
-    for line in _read_jsonl(os.path.join(run_dir, "selection.jsonl")):
+    for line in read_jsonl(os.path.join(run_dir, "selection.jsonl")):
         for i in line.get("selected", []):
             total += 1
             bad += defects[i] in WRONG_ANSWERS
@@ -119,14 +61,14 @@ def trained_mix(run_dir: str) -> tuple[float, dict[str, float]]:
 
 def collect_run(run: RunSpec, tasks_seen: set) -> dict:
     """One row: identity, status, final held-out metrics, totals, time breakdown, and the eval curve."""
-    st = _read_json(os.path.join(run.dir, "bench_status.json")) or {}
-    ev = _read_json(os.path.join(run.dir, "eval.json"))
+    st = read_json(os.path.join(run.dir, "bench_status.json")) or {}
+    ev = read_json(os.path.join(run.dir, "eval.json"))
     status = "ok" if ev is not None else st.get("status", "not run")
     row: dict = {"run": run.name, "label": run.label, "method": run.variant.method,
-                 "ablation": ",".join(f"{k}={_fmt_value(v)}" for k, v in run.variant.overrides.items()),
+                 "ablation": ",".join(f"{k}={fmt_value(v)}" for k, v in run.variant.overrides.items()),
                  "prune_ratio": run.prune_ratio, "seed": run.seed, "status": status,
                  "train_batch_size": run.train_batch_size, "candidates": run.candidates}
-    metrics = _read_jsonl(os.path.join(run.dir, "metrics.jsonl"))
+    metrics = read_jsonl(os.path.join(run.dir, "metrics.jsonl"))
     last = metrics[-1] if metrics else {}
     pool = _pool_size(run)
     per_epoch = pool // run.candidates if pool else run.steps_per_epoch
@@ -137,7 +79,7 @@ def collect_run(run: RunSpec, tasks_seen: set) -> dict:
         tasks_seen.update(tasks)
         row["heldout_loss"] = ev.get("loss")
         for key, name in (("exact_match", "em"), ("bleu4", "bleu4"), ("rougeL", "rougeL")):
-            row[f"{name}_mean"] = _nanmean([t.get(key) for t in tasks.values()])
+            row[f"{name}_mean"] = nanmean([t.get(key) for t in tasks.values()])
             for task, t in tasks.items():
                 row[f"{name}_{task}"] = t.get(key)
         for task, t in tasks.items():
@@ -156,17 +98,17 @@ def collect_run(run: RunSpec, tasks_seen: set) -> dict:
     for k in TIME_PARTS[:-1]:
         row[f"time_{k}"] = sums[k]
     history = []
-    for h in _read_jsonl(os.path.join(run.dir, "eval_history.jsonl")):
+    for h in read_jsonl(os.path.join(run.dir, "eval_history.jsonl")):
         step = h.get("step")
         if step not in wall_at:
             continue
         history.append({"step": step, "epoch": step / per_epoch if per_epoch else float("nan"),
                         "wall_s": wall_at[step][0], "flops": wall_at[step][1], "loss": h.get("loss"),
-                        "em_mean": _nanmean([t.get("exact_match") for t in h.get("tasks", {}).values()])})
+                        "em_mean": nanmean([t.get("exact_match") for t in h.get("tasks", {}).values()])})
     row["defective_trained"], mix = trained_mix(run.dir)
     for task, share in mix.items():
         row[f"mix_{task}"] = share
-    row["eval_s"] = sum(float(h.get("seconds", 0.0) or 0.0) for h in _read_jsonl(os.path.join(run.dir, "eval_history.jsonl")))
+    row["eval_s"] = sum(float(h.get("seconds", 0.0) or 0.0) for h in read_jsonl(os.path.join(run.dir, "eval_history.jsonl")))
     row["elapsed_s"] = st.get("elapsed_s", float("nan"))
     row["run_dir"] = run.dir
     row["history"] = history
@@ -174,15 +116,6 @@ def collect_run(run: RunSpec, tasks_seen: set) -> dict:
 
 
 # ---------------------------------------------------------------------------- tabulate
-
-def _mean_std(xs) -> tuple[float, float]:
-    xs = [float(x) for x in xs if x is not None and x == x]
-    if not xs:
-        return float("nan"), float("nan")
-    m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan")
-    return m, sd
-
 
 def summarize(rows: list[dict], tasks: list[str]) -> list[dict]:
     """Mean and std over seeds per (variant, prune ratio), with compute relative to full-data training."""
@@ -199,7 +132,7 @@ def summarize(rows: list[dict], tasks: list[str]) -> list[dict]:
         s = {"label": label, "method": rs[0]["method"], "ablation": rs[0]["ablation"], "prune_ratio": ratio,
              "runs": len(rs), "ok": len(ok), "failed": [r["run"] for r in rs if r["status"] not in ("ok", "not run")]}
         for k in keys:
-            s[k], s[k + "_std"] = _mean_std([r.get(k) for r in ok])
+            s[k], s[k + "_std"] = mean_std([r.get(k) for r in ok])
         out.append(s)
     full = [s for s in out if s["method"] == "full" and s["ok"]]
     curve = full_curve(rows)
@@ -231,7 +164,7 @@ def paired_differences(rows: list[dict], key: str = "heldout_loss") -> list[dict
                   if (ratio, r["seed"]) in rand and r["method"] != "random"]
         if not d_full and not d_rand:
             continue
-        (mf, sf), (mr, sr) = _mean_std(d_full), _mean_std(d_rand)
+        (mf, sf), (mr, sr) = mean_std(d_full), mean_std(d_rand)
         out.append({"label": label, "prune_ratio": ratio, "vs_full": mf, "vs_full_std": sf, "n_full": len(d_full),
                     "vs_random": mr, "vs_random_std": sr, "n_random": len(d_rand)})
     return out
@@ -268,9 +201,9 @@ def full_curve(rows: list[dict]) -> list[dict]:
         if r["method"] == "full" and r["status"] == "ok":
             for h in r["history"]:
                 by_step.setdefault(h["step"], []).append(h)
-    return [{"step": s, "epoch": _nanmean([h["epoch"] for h in hs]), "loss": _nanmean([h["loss"] for h in hs]),
-             "em_mean": _nanmean([h["em_mean"] for h in hs]), "flops": _nanmean([h["flops"] for h in hs]),
-             "wall_s": _nanmean([h["wall_s"] for h in hs]), "seeds": len(hs)} for s, hs in sorted(by_step.items())]
+    return [{"step": s, "epoch": nanmean([h["epoch"] for h in hs]), "loss": nanmean([h["loss"] for h in hs]),
+             "em_mean": nanmean([h["em_mean"] for h in hs]), "flops": nanmean([h["flops"] for h in hs]),
+             "wall_s": nanmean([h["wall_s"] for h in hs]), "seeds": len(hs)} for s, hs in sorted(by_step.items())]
 
 
 def full_cost_to_reach(curve: list[dict], loss: float) -> tuple[float, float]:
@@ -391,24 +324,6 @@ def markdown(summary: list[dict], rows: list[dict], tasks: list[str], args, meta
     return "\n".join(lines)
 
 
-def _clean(x):
-    """NaN -> None so results.json is strict JSON."""
-    if isinstance(x, float) and (x != x or x in (math.inf, -math.inf)):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_clean(v) for v in x]
-    return x
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_clean(obj), f, indent=2)
-    os.replace(tmp, path)
-
-
 def write_csv(path: str, rows: list[dict], tasks: list[str]) -> None:
     cols = ["run", "label", "method", "ablation", "prune_ratio", "seed", "status", "steps", "epochs",
             "heldout_loss", "em_mean", "bleu4_mean", "rougeL_mean"]
@@ -431,7 +346,7 @@ def _group_histories(rows: list[dict]) -> dict[tuple, list[dict]]:
         if r["status"] == "ok":
             for h in r["history"]:
                 out.setdefault((r["label"], r["prune_ratio"]), {}).setdefault(h["step"], []).append(h)
-    return {g: [{k: _nanmean([h[k] for h in hs]) for k in ("epoch", "wall_s", "flops", "loss", "em_mean")}
+    return {g: [{k: nanmean([h[k] for h in hs]) for k in ("epoch", "wall_s", "flops", "loss", "em_mean")}
                 for _, hs in sorted(by_step.items())] for g, by_step in out.items()}
 
 
@@ -466,7 +381,7 @@ def plot(out_dir: str, summary: list[dict], rows: list[dict], epochs_budget: flo
         ax.set_xlabel("prune ratio α")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    if any(ax.get_legend_handles_labels()[0] for ax in axes):
+    if any(ax.get_legend_handlesrecord_labels()[0] for ax in axes):
         axes[1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "quality_vs_ratio.png"))
@@ -555,7 +470,7 @@ def report(plan: list[RunSpec], args, argv: list[str]) -> tuple[list[dict], list
             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     write_csv(os.path.join(args.out, "results.csv"), rows, tasks)
     curve = full_curve(rows)
-    _write_json(os.path.join(args.out, "results.json"),
+    write_json(os.path.join(args.out, "results.json"),
                 {"meta": meta, "args": {k: v for k, v in vars(args).items()}, "tasks": tasks, "summary": summary,
                  "runs": rows, "paired": paired_differences(rows), "full_curve": curve,
                  "full_plateau_epoch": plateau_epoch(curve)})

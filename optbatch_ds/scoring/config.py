@@ -1,0 +1,40 @@
+"""The scoring keys of the "optbatch" section: which per-sample feature step 2 computes, and how."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from optbatch_ds.options import as_float, as_int, bad, check_choices, option
+
+FEATURES = ("grad_curvature", "grad_raw", "hidden")
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How step 2 (DESIGN §2) scores a candidate: its loss, and the feature the farthest-point step compares."""
+
+    feature: str = option("grad_curvature", "Per-sample feature: grad_curvature (output-layer gradient / "
+                          "sqrt(Adam v)), grad_raw (no curvature normalisation, ablation) or hidden (mean lm_head "
+                          "input, ablation).", choices=FEATURES)
+    sketch_dim: int = option(512, "k, the random-projection dimension of the features (0 = no projection); 512 "
+                             "keeps pairwise distances within ~12% (tests/unit/test_scoring.py JL test).")
+    eps: float = option(1e-8, "eps in 1/sqrt(v + eps), the curvature normaliser.")
+    vocab_chunk: int = option(4096, "Vocabulary rows per chunk in the feature computation (bounds memory).")
+    score_batch_size: int = option(0, "Samples per scoring forward; 0 = 2 x train_micro_batch_size_per_gpu (no "
+                                   "activations are kept for backward, so twice the micro batch fits).")
+
+    def __post_init__(self):
+        check_choices(self, ScoringConfig)
+        sketch_dim, chunk, score_bs = (as_int(getattr(self, k), k) for k in ("sketch_dim", "vocab_chunk",
+                                                                              "score_batch_size"))
+        eps = as_float(self.eps, "eps", allow_inf=False)
+        if sketch_dim < 0:
+            raise bad("sketch_dim", f"{self.sketch_dim} must be >= 0 (0 = use the features unprojected)")
+        if not eps > 0:
+            raise bad("eps", f"{self.eps} must be > 0")
+        if chunk < 1:
+            raise bad("vocab_chunk", f"{self.vocab_chunk} must be >= 1")
+        if score_bs < 0:
+            raise bad("score_batch_size", f"{self.score_batch_size} must be >= 0 (0 = 2 x the micro batch)")
+        for key, value in (("sketch_dim", sketch_dim), ("vocab_chunk", chunk), ("score_batch_size", score_bs),
+                           ("eps", eps)):
+            object.__setattr__(self, key, value)

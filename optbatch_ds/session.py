@@ -1,0 +1,124 @@
+"""Set-up shared by the entry points that train or score with DeepSpeed (launch/train.py, offline pruning):
+seeds, data, tokenizer and model, the resolved config, the engine. Collective where it says so.
+
+    seed_everything(run.seed)
+    prep = prepare_data_and_model(run, local_rank, out)          # local rank 0 of each node builds, others read
+    rs = resolve_here(run, world, num_train_samples=len(prep.pool))
+    engine, n_params, keep_alive = build_engine(prep, rs)
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from optbatch_ds import comm
+from optbatch_ds.config import Resolved, RunConfig, resolve
+from optbatch_ds.data import DataError, SkipReport, encode_examples, load_examples
+from optbatch_ds.data.demo import make_demo_data
+from optbatch_ds.modeling import build_default_model, cache_root, check_vocab, load_model, load_tokenizer
+
+
+@dataclass
+class Prepared:
+    """The run's data, tokenized, and where its model lives (identical on every rank)."""
+
+    examples: list            # training Examples, in file order
+    eval_examples: list       # held-out Examples ([] without held-out data)
+    encoded: list             # Encoded per training Example (None = skipped)
+    eval_encoded: list
+    pool: list[int]           # indices into `encoded` of the usable training samples: the sampler's range
+    tokenizer: object
+    model_path: str
+    report: SkipReport        # skipped records and truncation counts
+    train_spec: str           # the training data as given (the demo file without --data)
+    eval_spec: str | None
+
+
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch RNGs (model init, and anything else that draws) from the run's seed."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def ensure_demo_data(target: str) -> dict:
+    """Generate the demo set once (deterministic), atomically, so ranks and reruns share it. Returns its paths."""
+    paths = {"train": os.path.join(target, "train.jsonl"), "eval": os.path.join(target, "eval.jsonl")}
+    if not os.path.exists(paths["eval"]):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".demo_", dir=os.path.dirname(target))
+        try:
+            make_demo_data(tmp, seed=0)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                pass  # someone else finished first; theirs is identical
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return paths
+
+
+def _prepare(run: RunConfig, out: str) -> Prepared:
+    cache = cache_root(out)
+    train_spec, eval_spec = run.data, run.eval_data
+    if train_spec is None:
+        demo = ensure_demo_data(os.path.join(cache, "demo_data"))
+        train_spec = demo["train"]
+        eval_spec = eval_spec or demo["eval"]
+    report = SkipReport()
+    examples = load_examples(train_spec, fmt=run.data_format, on_bad_record=run.on_bad_record, report=report)
+    eval_examples = (load_examples(eval_spec, fmt=run.data_format, on_bad_record=run.on_bad_record, report=report,
+                                   split="validation") if eval_spec else [])
+    model_path = run.model
+    if model_path is None:
+        texts = [m["content"] for e in examples for m in e.messages]
+        model_path = build_default_model(texts, cache, seed=run.seed)
+    tokenizer = load_tokenizer(model_path, run.trust_remote_code)
+    encoded = encode_examples(examples, tokenizer, run.max_seq_len, run.on_bad_record, report)
+    eval_encoded = encode_examples(eval_examples, tokenizer, run.max_seq_len, "skip", report) if eval_examples else []
+    pool = [i for i, e in enumerate(encoded) if e is not None and e.n_supervised > 0]
+    if not pool:
+        raise DataError(train_spec, None, f"no usable training sample (see {out}/bad_records.json)",
+                        "at least one record with a supervised token", kind="no_records", skippable=False)
+    return Prepared(examples, eval_examples, encoded, eval_encoded, pool, tokenizer, model_path, report, train_spec,
+                    eval_spec)
+
+
+def prepare_data_and_model(run: RunConfig, local_rank: int, out: str) -> Prepared:
+    """Load (or generate) the data, build or locate the model directory, tokenize. Collective: local rank 0 of
+    each node goes first (it builds the default model and the demo data into the cache `out` shares), the others
+    wait, then read them."""
+    if local_rank == 0:
+        prep = _prepare(run, out)
+    comm.barrier()
+    if local_rank != 0:
+        prep = _prepare(run, out)
+    return prep
+
+
+def resolve_here(run: RunConfig, world: int, num_train_samples: int | None = None) -> Resolved:
+    """`config.resolve` with this machine's accelerator: "auto" precision becomes bf16 only where it exists."""
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    return resolve(run, world, accelerator=accel.device_name(),
+                   bf16_supported=bool(getattr(accel, "is_bf16_supported", lambda: False)()),
+                   num_train_samples=num_train_samples)
+
+
+def build_engine(prep: Prepared, rs: Resolved):
+    """(DeepSpeed engine, parameter count, objects to keep alive) for the prepared model under the resolved config."""
+    import deepspeed
+
+    model, keep_alive = load_model(prep.model_path, rs.ds, rs.run.trust_remote_code)
+    check_vocab(prep.tokenizer, model, prep.model_path)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=rs.ds,
+                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
+    n_params = int(sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()))
+    return engine, n_params, keep_alive
