@@ -49,3 +49,35 @@ def padded_shard(items: list, rank: int, world: int) -> list:
     per = -(-len(items) // world)
     padded = list(items) + [items[0]] * (per * world - len(items)) if items else []
     return padded[rank * per:(rank + 1) * per]
+
+
+def deal_by_length(lengths: list[int], world: int, accum: int) -> list[int]:
+    """A reordering of one optimizer step's samples so every micro-batch holds samples of similar length.
+
+    lengths: the token count of each of the step's b = world x accum x micro samples, in selection order.
+    Returns positions into them: rank r trains positions[r * b / world:(r + 1) * b / world], its micro-batch a
+    being the a-th micro-sized slice of that. Samples are sorted by length (longest first, ties in selection
+    order) and cut into world x accum groups; group g goes to rank g % world at accumulation step g // world,
+    so the ranks of one accumulation step get neighbouring groups (similar work, no rank waits long).
+    The step trains the same samples with the same weights, and since every sample's loss counts
+    1 / (world x accum x micro) wherever it sits, the same gradient up to summation order: only padding
+    (and time) is saved.
+    """
+    b = len(lengths)
+    groups = world * accum
+    if b % groups:
+        raise ValueError(f"{b} samples do not split into {world} ranks x {accum} micro-batches")
+    micro = b // groups
+    order = sorted(range(b), key=lambda i: (-lengths[i], i))
+    out = [0] * b
+    for g in range(groups):
+        rank, step = g % world, g // world
+        start = rank * accum * micro + step * micro
+        out[start:start + micro] = order[g * micro:(g + 1) * micro]
+    return out
+
+
+def padded_positions(lengths: list[int], micro: int) -> int:
+    """Token positions a list of samples occupies when cut into consecutive micro-batches of `micro`, each
+    right-padded to its longest sample (the cost of collate's batches; tokens are sum(lengths))."""
+    return sum(max(lengths[s:s + micro]) * len(lengths[s:s + micro]) for s in range(0, len(lengths), micro))

@@ -23,6 +23,7 @@ from optbatch_ds.errors import ConfigError, nearest_name
 from optbatch_ds.options import as_float, bad, option
 from optbatch_ds.scoring.config import FEATURES, ScoringConfig
 from optbatch_ds.selection.config import METHODS, SelectionConfig
+from optbatch_ds.signals import SignalConfig
 
 __all__ = ["BatchSizes", "ConfigError", "FEATURES", "METHODS", "OptBatchConfig", "Resolved", "RunConfig", "build_arg_parser",
            "load_json_config", "num_candidates", "parse_args", "planned_steps", "resolve"]
@@ -32,20 +33,33 @@ DEFAULT_EPOCHS = 3
 DEFAULT_LR_SMALL_MODEL = 1e-3
 DEFAULT_LR_PRETRAINED = 2e-5
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages")
+# Named settings of the "optbatch" section; keys given next to "preset" override the preset's.
+PRESETS = {
+    "default": {},  # the package's defaults: what BENCHMARKS.md shows is best
+    "paper": dict(method="optbatch", signal="loss", scoring="fresh", prior="fresh", refresh=0.0, strata=3,
+                  temperature=1.0, temperature_end=None, quotas="exp_loss", within="farthest", distance="euclidean",
+                  feature="grad_curvature", reweight="none", outlier_fence=0.0),  # OptBatch as published
+}
 
 
 @dataclass(frozen=True)
-class OptBatchConfig(ScoringConfig, SelectionConfig):
+class OptBatchConfig(SignalConfig, ScoringConfig, SelectionConfig):
     """The `"optbatch"` section of the DeepSpeed JSON (DESIGN §2): the selection keys (declared and checked
-    by `SelectionConfig`), the scoring keys (`ScoringConfig`) and the prune ratio α. Flat, as in the JSON:
-    `OptBatchConfig(method="optbatch", prune_ratio=0.3, strata=3)`."""
+    by `SelectionConfig`), the scoring keys (`ScoringConfig`), the signal keys (`signals.SignalConfig`) and
+    the prune ratio α. Flat, as in the JSON: `OptBatchConfig(method="optbatch", prune_ratio=0.3, strata=3)`."""
 
     prune_ratio: float = option(0.3, "alpha: fraction of each candidate pool not trained on, in [0, 1); c = "
                                 "ceil(b / (1 - alpha)) candidates per step, b = train_batch_size.")
+    preset: str = option("default", "Named settings the other keys start from: default (the package's) or paper "
+                         "(OptBatch as published: loss signal, fresh scoring, 3 strata, exp(loss) quotas, farthest-"
+                         "point). Keys given beside it override it.", choices=tuple(PRESETS))
 
     def __post_init__(self):
         SelectionConfig.__post_init__(self)
         ScoringConfig.__post_init__(self)
+        SignalConfig.__post_init__(self)
+        if self.prior == "reference" and not self.reference_losses:
+            raise bad("prior", "'reference' needs reference_losses (launch/reference.py's output folder)")
         ratio = as_float(self.prune_ratio, "prune_ratio", allow_inf=False)
         if not 0.0 <= ratio < 1.0:
             raise bad("prune_ratio", f"{self.prune_ratio} is outside [0, 1); 0.3 trains on 70% of each pool")
@@ -64,17 +78,27 @@ class OptBatchConfig(ScoringConfig, SelectionConfig):
         for key in section:
             if key not in valid:
                 raise ConfigError(f'"optbatch" has an unknown key \'{key}\'{nearest_name(key, valid)}')
-        return cls(**section)
+        preset = section.get("preset", "default")
+        if preset not in PRESETS:
+            raise ConfigError(f'"optbatch".preset: \'{preset}\' is not one of {", ".join(PRESETS)}'
+                              f"{nearest_name(preset, PRESETS)}")
+        return cls(**{**PRESETS[preset], **section})
 
     @property
     def needs_scores(self) -> bool:
-        """Whether step 2 (the scoring forward) runs at all: random and full never look at the samples."""
+        """Whether step 2 (scoring) runs at all: random and full never look at the samples."""
         return self.method not in ("full", "random")
 
     @property
+    def stale(self) -> bool:
+        """Whether the selector uses recorded values (scoring stale) instead of a scoring forward per step."""
+        return self.needs_scores and self.scoring == "stale"
+
+    @property
     def needs_features(self) -> bool:
-        """Whether step 2 computes sketches: only farthest-point filling compares samples."""
-        return self.method == "optbatch" and self.within == "farthest"
+        """Whether step 2 computes sketches: for farthest-point filling, and for the neighbours signal."""
+        return self.needs_scores and ((self.method == "optbatch" and self.within == "farthest")
+                                      or self.signal == "neighbours")
 
     def selection_config(self) -> SelectionConfig:
         """The selection keys alone, for `Selector` / `select`."""
@@ -108,8 +132,13 @@ class RunConfig:
     collective_timeout: float = option(600.0, "Seconds before a collective that hangs (dead rank) becomes an error.")
     log_every: int = option(10, "Write a progress line every N steps (0: only the progress bar).")
     export: bool = option(True, "Write the Hugging Face export to output_dir/final at the end.")
+    group_by_length: bool = option(True, "Deal each step's selected samples to ranks and micro-batches by length, so "
+                                   "little compute goes to padding (the step's samples, weights and gradient stay "
+                                   "the same; unlike transformers' flag it never moves a sample to another step).")
     method: str | None = option(None, "Overrides \"optbatch\".method.")
     prune_ratio: float | None = option(None, "Overrides \"optbatch\".prune_ratio.")
+    reference_losses: str | None = option(None, "Overrides \"optbatch\".reference_losses (launch/reference.py's "
+                                          "output folder).")
 
     def __post_init__(self):
         for f in fields(self):
@@ -265,6 +294,8 @@ def _optbatch_section(run: RunConfig, ds: dict) -> OptBatchConfig:
         section["method"] = run.method
     if run.prune_ratio is not None:
         section["prune_ratio"] = run.prune_ratio
+    if run.reference_losses is not None:
+        section["reference_losses"] = run.reference_losses
     if section.get("method") == "full" and run.prune_ratio is None:
         section["prune_ratio"] = 0.0
     return OptBatchConfig.from_dict(section)

@@ -33,8 +33,12 @@ How it hooks in: the Trainer's loop fetches each optimizer step's micro-batches 
 step. This mixin overrides that call (steps 1-4 happen there, so the scores are on-policy) and
 `get_train_dataloader`, which becomes a loader of placeholders with exactly gradient_accumulation_steps x
 (usable rows // c) entries per rank, so the Trainer's own epochs, max_steps, LR schedule, gradient
-accumulation, clipping, logging, evaluation, checkpointing and resume run unchanged. Resuming needs no
-extra state: the draw and the selection are pure functions of (seed, global step).
+accumulation, clipping, logging, evaluation, checkpointing and resume run unchanged. The draw and the
+selection are pure functions of (seed, global step); the per-sample state some settings keep (recorded
+losses and sketches: scoring "stale", signals "neighbours" and "progress") is saved as `optbatch_state.pt`
+in every Trainer checkpoint folder and comes back on `train(resume_from_checkpoint=...)`. With scoring
+"stale" the loss and sketch of each trained row are computed from the Trainer's own training forward
+(`compute_loss`), as launch/train.py does.
 
 The training batches are right-padded from each row's `input_ids` and `labels` (other columns and the
 Trainer's data_collator are not used for training; evaluation is untouched); the loss is the Trainer's
@@ -48,6 +52,7 @@ loss, stratum quotas, scoring and selection seconds); rank 0 appends one line pe
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -60,9 +65,10 @@ from optbatch_ds.batching import collate, per_sample_nll
 from optbatch_ds.config import BatchSizes, ConfigError, OptBatchConfig, num_candidates
 from optbatch_ds.data import EpochSampler
 from optbatch_ds.runlog import SELECTION, RunLog, selection_line
-from optbatch_ds.scoring import curvature_inv_sqrt
+from optbatch_ds.scoring import LmHeadInput, curvature_inv_sqrt
 
 logger = logging.getLogger(__name__)
+OPTBATCH_STATE = "optbatch_state.pt"  # in each Trainer checkpoint folder: the selection's per-sample state
 
 __all__ = ["OptBatchConfig", "OptBatchMixin", "OptBatchTrainer", "optbatch_config_from"]
 
@@ -138,6 +144,8 @@ class _Run:
     sampler: EpochSampler | None = None
     draws: int = -1          # draws taken from `sampler` (a resume replays them)
     log_checked: bool = False
+    measured: list | None = None   # scoring stale: this step's (ids, losses, sketches) from compute_loss
+    dealt: list | None = None      # the step's samples in rank order (what the measurements are gathered in)
 
 
 class OptBatchMixin:
@@ -163,6 +171,9 @@ class OptBatchMixin:
     def _optbatch_setup(self) -> _Run:
         ob, args = self.optbatch, self.args
         rank, world = comm.rank_and_world()
+        if ob.signal == "reducible":  # rows are token ids: no conversation to find a record's reference loss by
+            raise ConfigError('"optbatch".signal: reducible needs launch/train.py (reference losses are matched to '
+                              'records by their conversation); use signal "loss" here')
         micro, accum = self._train_batch_size, args.gradient_accumulation_steps
         b = micro * accum * world
         c = num_candidates(b, ob.prune_ratio, world)
@@ -180,6 +191,11 @@ class OptBatchMixin:
         pad_id = 0 if pad_id is None else pad_id  # right padding is masked: any id will do
         rt = ob_step.SelectionRuntime.build(self.model, ob, BatchSizes(c, b, micro, accum, world), pad_id,
                                             self._curvature, None, rank)
+        rt.group_by_length = bool(args.group_by_length)  # within each step: the step's samples stay the same
+        rt.attach(len(self.train_dataset))
+        resume = getattr(self, "_ob_resume", None)
+        if resume and os.path.exists(os.path.join(resume, OPTBATCH_STATE)):
+            rt.load_state_dict(torch.load(os.path.join(resume, OPTBATCH_STATE), weights_only=False))
         return _Run(rt, pool, args.data_seed if args.data_seed is not None else args.seed,
                     RunLog(args.output_dir, rank))
 
@@ -240,20 +256,21 @@ class OptBatchMixin:
                 run.sampler.draw(sizes.candidates)
             run.draws = done
         timers = ob_step.new_timers()
+        self._record_measured(done, timers)
         t0 = time.perf_counter()
         cand = [run.pool[p] for p in run.sampler.draw(sizes.candidates)]
         run.draws += 1
-        cpr, bpr = sizes.candidates_per_rank, sizes.batch_per_rank
         rows = _Rows(self.train_dataset)
-        mine = [rows[i] for i in cand[rt.rank * cpr:(rt.rank + 1) * cpr]]
         timers["draw"] = time.perf_counter() - t0
         rt.selector.total_steps = self.state.max_steps  # training progress, for a temperature schedule
-        choice = ob_step.choose_batch(rt, self._engine(), mine, step, timers)
+        choice = ob_step.choose_batch(rt, self._engine(), rows, cand, step, timers)
         info = comm.broadcast_object(choice.info)  # so every rank logs the same line
         selected = [cand[p] for p in choice.positions.tolist()]
         self._optbatch_record(step, cand, selected, choice, info, timers)
 
-        mine_sel, mine_w = selected[rt.rank * bpr:(rt.rank + 1) * bpr], choice.weights[rt.rank * bpr:(rt.rank + 1) * bpr]
+        run.dealt, dealt_w = ob_step.deal(rt, rows, selected, choice.weights)
+        mine_sel, mine_w = ob_step.my_share(rt, run.dealt, dealt_w)
+        run.measured = [] if rt.optbatch.stale else None
         weighted = not bool(torch.all(choice.weights == 1))
         self._ob_weights = {}
         batches = []
@@ -263,8 +280,20 @@ class OptBatchMixin:
             if weighted:  # an id, not the weights: the Trainer would cast a float tensor to the DeepSpeed dtype
                 self._ob_weights[m] = mine_w[micro]
                 batch["optbatch_weight_id"] = torch.tensor(m)
+            if run.measured is not None:  # which micro-batch: compute_loss records what its forward measured
+                batch["optbatch_micro"] = torch.tensor(m)
             batches.append(batch)
         return batches
+
+    def _record_measured(self, step: int, timers: dict) -> None:
+        """Scoring stale: what the previous step's training forwards measured, gathered to rank 0's store."""
+        run = self._ob
+        if not run.measured:
+            return
+        losses = torch.cat([m[0] for m in run.measured])
+        sketches = torch.cat([m[1] for m in run.measured]) if run.measured[0][1] is not None else None
+        ob_step.record_training(run.rt, run.dealt, ob_step.Trained(0.0, 0, 0, losses, sketches), step, timers)
+        run.measured = None
 
     def _optbatch_record(self, step: int, cand: list, selected: list, choice: ob_step.Choice, info: dict,
                          timers: dict) -> None:
@@ -284,9 +313,47 @@ class OptBatchMixin:
             run.log.resume_at(step - 1, names=(SELECTION,))
         run.log.append(SELECTION, selection_line(step, cand, selected, choice.weights, info, choice.losses))
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """transformers.Trainer.train, remembering which checkpoint it resumes from: the per-sample state of the
+        selection (recorded losses and sketches) comes back from it with the train dataloader."""
+        if isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or resume_from_checkpoint
+        self._ob_resume = resume_from_checkpoint if isinstance(resume_from_checkpoint, str) else None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint plus the selection's per-sample state (rank 0's store; every rank's flags)."""
+        super()._save_checkpoint(model, trial)
+        if self._ob is not None and self._ob.rt.measured is not None and self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            torch.save(self._ob.rt.state_dict(), os.path.join(folder, OPTBATCH_STATE))
+
     # ------------------------------------------------------------------ loss and logging
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        micro = inputs.pop("optbatch_micro", None)
+        if micro is not None:  # scoring stale: the loss and sketch of each sample, from this very forward
+            capture = LmHeadInput(self.model)
+            try:
+                loss, outputs = self._compute_loss(model, inputs, True, num_items_in_batch)
+            finally:
+                capture.remove()
+            with torch.no_grad():
+                run = self._ob
+                inv = run.rt.inv_sqrt_v(self.state.global_step + 1, {"curvature": 0.0})
+                l, f = run.rt.scorer.signals(capture.value.detach(), outputs.logits.detach(), inputs["labels"], inv)
+            run.measured.append((l.float().cpu(), f.float().cpu() if f is not None else None))
+            return (loss, outputs) if return_outputs else loss
+        return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _compute_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """The Trainer's own loss, or with per-sample weights (infobatch, reweight) their weighted mean."""
         wid = inputs.pop("optbatch_weight_id", None)
         if wid is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,

@@ -26,6 +26,17 @@ DEFAULT_MODEL_CONFIG = dict(
     max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
 )
 DEFAULT_VOCAB_SIZE = 1024
+# Sizes of the built-in architecture: "small" is the default model; "tiny" (~8x fewer non-embedding
+# parameters) is for reference models (launch/reference.py), whose cost counts against the savings.
+MODEL_SIZES = {
+    "small": {},
+    "mini": dict(hidden_size=96, intermediate_size=288, num_hidden_layers=3, num_attention_heads=3,
+                 num_key_value_heads=3),
+    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2),
+    "nano": dict(hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2),
+}
 
 
 def cache_root(output_dir: str) -> str:

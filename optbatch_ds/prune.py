@@ -46,11 +46,13 @@ from optbatch_ds.config import ConfigError, Resolved, RunConfig, build_arg_parse
 from optbatch_ds.data import EpochSampler
 from optbatch_ds.scoring import curvature_inv_sqrt
 from optbatch_ds.selection import Selector
+from optbatch_ds.signals import SignalContext, reference_losses, signal_values
 from optbatch_ds.session import Prepared, build_engine, prepare_data_and_model, resolve_here, seed_everything
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 # Flags shared with launch/train.py (same names, same help text).
 _SHARED = ("deepspeed", "model", "data", "data_format", "max_seq_len", "seed", "method", "prune_ratio",
+           "reference_losses", "group_by_length",
            "on_bad_record", "trust_remote_code", "learning_rate", "collective_timeout")
 
 
@@ -254,23 +256,25 @@ def _warm_up(engine, prep: Prepared, rs: Resolved, job: Job) -> float:
     warm = dataclasses.replace(ob, method="random" if rs.candidates > rs.train_batch_size else "full")
     rt = ob_step.SelectionRuntime.build(engine.module, warm, rs.sizes, prep.tokenizer.pad_token_id, lambda: None,
                                         None, job.rank)
-    sampler, bpr = EpochSampler(len(prep.pool), seed=job.run.seed), rs.batch_per_rank
+    rt.group_by_length = job.run.group_by_length  # as launch/train.py deals its steps
+    sampler = EpochSampler(len(prep.pool), seed=job.run.seed)
     engine.train()
     loss_sum, mine = 0.0, []
     for step in range(1, job.warmup_steps + 1):
         cand = [prep.pool[p] for p in sampler.draw(rs.candidates)]
-        choice = ob_step.choose_batch(rt, engine, [], step, ob_step.new_timers())  # random: nothing to score
+        choice = ob_step.choose_batch(rt, engine, prep.encoded, cand, step, ob_step.new_timers())  # random: no scoring
         selected = [cand[p] for p in choice.positions.tolist()]
-        mine = selected[job.rank * bpr:(job.rank + 1) * bpr]
-        weights = choice.weights[job.rank * bpr:(job.rank + 1) * bpr]
-        loss_sum, _ = ob_step.train_on(rt, engine, prep.encoded, mine, weights, step)
+        mine, weights = ob_step.my_share(rt, *ob_step.deal(rt, prep.encoded, selected, choice.weights))
+        loss_sum = ob_step.train_on(rt, engine, prep.encoded, mine, weights, step).loss_sum
     return loss_sum / max(len(mine), 1)
 
 
-def _select_pool(selector: Selector, pool_id: int, scores: ob_step.Scores, n: int, budget: int):
-    """Rank 0: (positions kept, weights, info, stratum of each candidate or None) for one pool of n candidates.
+def _select_pool(rt: ob_step.SelectionRuntime, pool_id: int, scores: ob_step.Scores, ids: list, budget: int):
+    """Rank 0: (positions kept, weights, info, stratum of each candidate or None) for one pool of the candidates
+    `ids` (dataset indices), ranked by the run's signal.
 
     The last, partial pool may hold fewer valid candidates than strata: it is cut into as many as it has."""
+    selector, n = rt.selector, len(ids)
     losses = scores.losses[:n]
     sketches = scores.sketches[:n] if scores.sketches is not None else None
     if budget == 0:
@@ -282,7 +286,8 @@ def _select_pool(selector: Selector, pool_id: int, scores: ob_step.Scores, n: in
     k = min(cfg.strata, int(finite.sum()))
     if cfg.method in ("optbatch", "ccs") and 0 < k < cfg.strata:
         selector = Selector(dataclasses.replace(cfg, strata=k))
-    result = selector(pool_id + 1, losses, sketches, budget)
+    ctx = SignalContext(rt.reference, rt.store, rt.optbatch.seed, pool_id + 1)
+    result = selector(pool_id + 1, losses, sketches, budget, signal_values(rt.optbatch.signal, losses, sketches, ids, ctx))
     strata = [int(s) if s >= 0 else None for s in result.strata.tolist()]
     return result.indices.tolist(), result.weights.tolist(), result.info, strata
 
@@ -311,7 +316,7 @@ def _score_pools(rt: ob_step.SelectionRuntime, engine, prep: Prepared, job: Job,
             continue
         t0 = time.perf_counter()
         budget = b if n == c else round(n * (1.0 - ob.prune_ratio))
-        kept, weights, info, strata = _select_pool(rt.selector, pid, scores, n, budget)
+        kept, weights, info, strata = _select_pool(rt, pid, scores, [prep.pool[p] for p in positions], budget)
         times["select"] += time.perf_counter() - t0
         weight_of = dict(zip(kept, weights))
         for j, p in enumerate(positions):
@@ -326,18 +331,6 @@ def _score_pools(rt: ob_step.SelectionRuntime, engine, prep: Prepared, job: Job,
     if progress is not None:
         progress.close()
     return per_example, pool_info
-
-
-def _curvature_once(engine, eps: float):
-    """The curvature read once (collective, on first use): no training happens while scoring pools."""
-    box = []
-
-    def read():
-        if not box:
-            box.append(curvature_inv_sqrt(engine, eps))
-        return box[0]
-
-    return read
 
 
 def select_dataset(job: Job, local_rank: int) -> dict | None:
@@ -363,8 +356,10 @@ def select_dataset(job: Job, local_rank: int) -> dict | None:
         warm_loss = _warm_up(engine, prep, rs, job)
         times["warmup"] = time.perf_counter() - t0
         log0(f"warm-up | {job.warmup_steps} steps | last loss {warm_loss:.4f} | {times['warmup']:.1f}s")
+    # every pool is scored at "step 0": the runtime reads the curvature once (no training happens meanwhile)
     rt = ob_step.SelectionRuntime.build(engine.module, ob, rs.sizes, prep.tokenizer.pad_token_id,
-                                        _curvature_once(engine, ob.eps), None, job.rank)
+                                        lambda: curvature_inv_sqrt(engine, ob.eps), None, job.rank)
+    rt.attach(len(prep.encoded), reference_losses(ob, prep.examples)[0])
     per_example, pool_info = _score_pools(rt, engine, prep, job, times)
     summary = None
     if job.rank == 0:

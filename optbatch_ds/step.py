@@ -5,8 +5,10 @@ offline pruning (`offline`) call these functions on every rank, around one `Sele
 once per run:
 
     rt = SelectionRuntime.build(engine.module, optbatch, sizes, pad_id, curvature, total_steps, rank)
-    choice = choose_batch(rt, engine, my_items, step, timers)          # 2-5: score, gather, select, broadcast
-    loss_sum, tokens = train_on(rt, engine, dataset, my_ids, my_weights, step)   # 6: forward, backward, step
+    rt.attach(num_samples, reference)                                  # per-sample state (stale scoring, signals)
+    choice = choose_batch(rt, engine, dataset, candidates, step, timers)   # 2-5: score, gather, select, broadcast
+    trained = train_on(rt, engine, dataset, my_ids, my_weights, step)      # 6: forward, backward, optimizer step
+    record_training(rt, selected, trained, step)                           # stale: what training measured
 
 Selection (`rt.selector`, a pure function of seed and step) runs on rank 0 only; every collective is
 one of `comm`'s. The step 1 draw (`data.EpochSampler`) and the bookkeeping around a step stay with the
@@ -20,12 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from optbatch_ds import batching, comm
+from optbatch_ds.batching import deal_by_length, padded_shard
 from optbatch_ds.config import BatchSizes, OptBatchConfig
-from optbatch_ds.scoring.forward import Scorer
-from optbatch_ds.selection import Selector, mean_nn_distance
+from optbatch_ds.scoring.forward import LmHeadInput, Scorer
+from optbatch_ds.selection import Selector, mean_nn_distance, step_generator
+from optbatch_ds.signals import SampleStore, SignalContext, signal_values
 
 # The parts of a step, timed apart (seconds), in the order they run; metrics.jsonl's "time" has each.
 TIME_PARTS = ("draw", "curvature", "score_forward", "features", "gather", "select", "broadcast", "train",
@@ -33,10 +38,12 @@ TIME_PARTS = ("draw", "curvature", "score_forward", "features", "gather", "selec
 # The selector's info keys that go into metrics.jsonl (the rest stays in selection.jsonl or is dropped).
 LOGGED_INFO = ("mean_loss_candidates", "mean_loss_selected", "quotas", "stratum_sizes", "diversity_kept",
                "diversity_random", "excluded_nonfinite", "drop_rate", "suspects", "outlier_fence",
-               "inverse_temperature")
+               "inverse_temperature", "refreshed")
 # Seed stride of the diagnostic random subset (a prime, like the selector's own stride, so (seed, step)
 # pairs do not collide); the subset only measures diversity and never changes what is trained.
 _DIAGNOSTIC_STRIDE = 7919
+# Seed offset of the refresh draw (scoring stale): its own stream, apart from the selection's at that step.
+_REFRESH_SEED = 104_729
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,7 +60,11 @@ class SelectionRuntime:
     """What the OptBatch step needs that does not change between steps (built once per run, every rank).
 
     curvature: a collective callable returning 1 / sqrt(v_hat + eps), (V, d), or None (no Adam state yet);
-    called only when the features need it.
+    read at most once per step (`inv_sqrt_v`), and only when the features need it.
+    reference: the reference loss of every dataset index (signal reducible), NaN filled; rank 0 only.
+    store: recorded losses and sketches per dataset index (scoring stale); rank 0 only.
+    measured: per dataset index, whether the store holds a value; identical on every rank (each rank knows
+    what was trained and scored, so no communication keeps it in step).
     """
 
     optbatch: OptBatchConfig
@@ -62,6 +73,11 @@ class SelectionRuntime:
     sizes: BatchSizes
     rank: int
     curvature: Callable[[], torch.Tensor | None]
+    reference: np.ndarray | None = None
+    store: SampleStore | None = None
+    measured: np.ndarray | None = None
+    group_by_length: bool = False   # deal each step's samples to ranks and micro-batches by length (`share`)
+    _curvature_step: tuple = (None, None)
 
     @classmethod
     def build(cls, module, optbatch: OptBatchConfig, sizes: BatchSizes, pad_id: int,
@@ -72,9 +88,41 @@ class SelectionRuntime:
         return cls(optbatch, Selector(optbatch.selection_config(), total_steps=total_steps), scorer, sizes, rank,
                    curvature)
 
+    def attach(self, num_samples: int, reference: np.ndarray | None = None) -> None:
+        """The per-sample state of a dataset of `num_samples` indices: the reference losses (rank 0 keeps them)
+        and, with scoring stale, the store (rank 0) and the measured flags (every rank)."""
+        if self.rank == 0:
+            self.reference = reference
+        if self.optbatch.stale or self.optbatch.signal in ("progress", "neighbours"):  # they read the store
+            self.measured = np.zeros(num_samples, dtype=bool)
+            if self.rank == 0:
+                k = self.scorer.projection.sketch_dim if self.scorer.projection is not None else 0
+                self.store = SampleStore(num_samples, k if self.scorer.with_features else 0)
+
     @property
     def pad_id(self) -> int:
         return self.scorer.pad_id
+
+    def inv_sqrt_v(self, step: int, timers: dict) -> torch.Tensor | None:
+        """The curvature for this step's features, read once per step (collective; the same call on every rank)."""
+        if not self.scorer.wants_curvature:
+            return None
+        if self._curvature_step[0] != step:
+            t0 = time.perf_counter()
+            self._curvature_step = (step, self.curvature())
+            timers["curvature"] += time.perf_counter() - t0
+        return self._curvature_step[1]
+
+    def state_dict(self) -> dict:
+        """What resume needs beyond the selector (a pure function of seed and step): the store and flags."""
+        return {"store": self.store.state_dict() if self.store is not None else None,
+                "measured": self.measured}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.store is not None and state.get("store") is not None:
+            self.store.load_state_dict(state["store"])
+        if self.measured is not None and state.get("measured") is not None:
+            self.measured = state["measured"]
 
 
 class Scores(NamedTuple):
@@ -100,35 +148,94 @@ class Choice(NamedTuple):
     strata: torch.Tensor | None = None  # each candidate's stratum (-1: none), rank 0 only
 
 
-def score_and_gather(rt: SelectionRuntime, engine, items: list, timers: dict) -> Scores:
+def score_and_gather(rt: SelectionRuntime, engine, items: list, timers: dict, step: int = 0) -> Scores:
     """Steps 2-3: score this rank's candidates `items` with the model, gather (loss, sketch) to rank 0.
     Collective: every rank calls it with the same number of items."""
-    t0 = time.perf_counter()
-    inv_sqrt_v = rt.curvature() if rt.scorer.wants_curvature else None
-    timers["curvature"] = time.perf_counter() - t0
+    inv_sqrt_v = rt.inv_sqrt_v(step, timers)
     losses, sketches, tokens = rt.scorer.score(engine, items, inv_sqrt_v, timers)
     t0 = time.perf_counter()
     all_losses = comm.gather_to_rank0(losses)
     all_sketches = comm.gather_to_rank0(sketches) if sketches is not None else None
-    timers["gather"] = time.perf_counter() - t0
+    timers["gather"] += time.perf_counter() - t0
     return Scores(all_losses, all_sketches, tokens, inv_sqrt_v is not None)
 
 
-def choose_batch(rt: SelectionRuntime, engine, items: list, step: int, timers: dict) -> Choice:
-    """Steps 2-5 for one pool: score this rank's candidates `items` (skipped by methods that never look at
-    the samples), gather to rank 0, select b of the c there, broadcast, check every rank holds the same.
-    Collective. Raises comm.DisagreementError on every rank if the ranks end up holding different batches."""
+def _fresh_scores(rt: SelectionRuntime, engine, dataset, cand: list, step: int, timers: dict) -> Scores:
+    """Scoring fresh: every candidate scored now, rank r its contiguous c / W slice."""
+    cpr = rt.sizes.candidates_per_rank
+    scores = score_and_gather(rt, engine, [dataset[i] for i in cand[rt.rank * cpr:(rt.rank + 1) * cpr]], timers, step)
+    if rt.store is not None:
+        rt.store.record(cand, scores.losses, scores.sketches, step)
+    return scores
+
+
+def _stale_scores(rt: SelectionRuntime, engine, dataset, cand: list, step: int, timers: dict) -> Scores:
+    """Scoring stale: recorded values; the candidates never measured are scored now (all ranks know which), or
+    with prior "reference" get the mean measured loss (no forward)."""
+    need = [i for i in cand if not rt.measured[i]]
+    tokens, curvature = 0, False
+    if need and rt.optbatch.prior == "reference":
+        if rt.rank == 0:
+            losses, sketches = rt.store.values(cand)
+            unmeasured = torch.isnan(losses)
+            measured = rt.store.loss[~np.isnan(rt.store.loss)]
+            prior = float(measured.mean()) if measured.size else float(rt.reference[cand].mean())
+            losses[unmeasured] = prior
+            return Scores(losses, sketches if rt.scorer.with_features else None, 0, False)
+        return Scores(None, None, 0, False)
+    if need:
+        rank, world = comm.rank_and_world()
+        fresh = score_and_gather(rt, engine, [dataset[i] for i in padded_shard(need, rank, world)], timers, step)
+        tokens, curvature = fresh.tokens, fresh.curvature
+        rt.measured[need] = True
+        if rt.rank == 0:
+            sketches = fresh.sketches[:len(need)] if fresh.sketches is not None else None
+            rt.store.record(need, fresh.losses[:len(need)], sketches, step)
+    if rt.rank != 0:
+        return Scores(None, None, tokens, curvature)
+    losses, sketches = rt.store.values(cand)
+    return Scores(losses, sketches if rt.scorer.with_features else None, tokens, curvature)
+
+
+def _select(rt: SelectionRuntime, scores: Scores, cand: list, step: int):
+    """Rank 0: positions (b,), weights (b,), info and strata of step 4, plus the refresh draw (scoring stale)."""
     ob, c, b = rt.optbatch, rt.sizes.candidates, rt.sizes.train_batch_size
-    scores = score_and_gather(rt, engine, items, timers) if ob.needs_scores else Scores(None, None, 0, False)
+    refresh = int(round(ob.refresh * b)) if ob.stale else 0
+    losses = scores.losses if ob.needs_scores else torch.zeros(c)
+    ctx = SignalContext(rt.reference, rt.store, ob.seed, step)
+    signal = signal_values(ob.signal, losses, scores.sketches, cand, ctx) if ob.needs_scores else None
+    result = rt.selector(step, losses, scores.sketches, b - refresh, signal)
+    positions = torch.as_tensor(result.indices, dtype=torch.long)
+    weights = torch.as_tensor(result.weights, dtype=torch.float32)
+    info = dict(result.info)
+    if refresh:
+        rest = torch.ones(c, dtype=torch.bool)
+        rest[positions] = False
+        pool = torch.nonzero(rest).flatten()
+        gen = step_generator(ob.seed + _REFRESH_SEED, step)
+        extra = pool[torch.randperm(len(pool), generator=gen)[:refresh]]
+        positions, weights = torch.cat([positions, extra]), torch.cat([weights, torch.ones(refresh)])
+        info["refreshed"] = refresh
+    return positions, weights, info, torch.as_tensor(result.strata)
+
+
+def choose_batch(rt: SelectionRuntime, engine, dataset, cand: list, step: int, timers: dict) -> Choice:
+    """Steps 2-5 for one pool: score the candidates `cand` (dataset indices, the same list on every rank; methods
+    that never look at the samples skip this), gather to rank 0, select b of the c there, broadcast, check every
+    rank holds the same. Collective. Raises comm.DisagreementError on every rank if the ranks end up holding
+    different batches."""
+    ob, b = rt.optbatch, rt.sizes.train_batch_size
+    if not ob.needs_scores:
+        scores = Scores(None, None, 0, False)
+    elif ob.stale:
+        scores = _stale_scores(rt, engine, dataset, cand, step, timers)
+    else:
+        scores = _fresh_scores(rt, engine, dataset, cand, step, timers)
     t0 = time.perf_counter()
     positions = weights = strata = None
     info: dict = {}
     if rt.rank == 0:
-        result = rt.selector(step, scores.losses if ob.needs_scores else torch.zeros(c), scores.sketches, b)
-        positions = torch.as_tensor(result.indices, dtype=torch.long)
-        weights = torch.as_tensor(result.weights, dtype=torch.float32)
-        strata = torch.as_tensor(result.strata) if result.strata is not None else None
-        info = dict(result.info)
+        positions, weights, info, strata = _select(rt, scores, cand, step)
     timers["select"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     positions = comm.broadcast_from_rank0(positions, (b,), torch.long)
@@ -151,26 +258,88 @@ def diversity(rt: SelectionRuntime, choice: Choice, step: int) -> dict:
             "diversity_random": float(mean_nn_distance(choice.sketches, rnd))}
 
 
+def deal(rt: SelectionRuntime, dataset, selected: list, weights: torch.Tensor) -> tuple[list, torch.Tensor]:
+    """The step's `selected` samples (dataset indices) and weights in the order ranks train them: rank r takes the
+    r-th contiguous b / W slice (`my_share`). Dealt by length (`batching.deal_by_length`) when
+    rt.group_by_length, else as selected. Same on every rank; the same samples and weights either way."""
+    if not rt.group_by_length:
+        return selected, weights
+    order = deal_by_length([len(dataset[i].input_ids) for i in selected], rt.sizes.world, rt.sizes.grad_accum)
+    return [selected[p] for p in order], weights[torch.as_tensor(order)]
+
+
+def my_share(rt: SelectionRuntime, ids: list, weights: torch.Tensor) -> tuple[list, torch.Tensor]:
+    """This rank's contiguous slice of a dealt step (`deal`)."""
+    bpr = rt.sizes.batch_per_rank
+    mine = slice(rt.rank * bpr, (rt.rank + 1) * bpr)
+    return ids[mine], weights[mine]
+
+
+class Trained(NamedTuple):
+    """Step 6 on one rank: the sum of per-sample losses, the tokens trained, and (scoring stale) what the training
+    forwards measured of each trained sample, in training order: losses (n,) and sketches (n, k) or None."""
+
+    loss_sum: float
+    tokens: int
+    positions: int                            # token positions of the padded micro-batches (tokens + padding)
+    losses: torch.Tensor | None = None
+    sketches: torch.Tensor | None = None
+    feature_s: float = 0.0
+
+
 def train_on(rt: SelectionRuntime, engine, dataset, ids: list, weights: torch.Tensor, step: int,
-             last_ckpt: str | None = None) -> tuple[float, int]:
+             last_ckpt: str | None = None) -> Trained:
     """Step 6: forward, backward and optimizer step on this rank's share `ids` (indices into `dataset`, with
-    their loss weights), micro-batch by micro-batch as the DeepSpeed config says. Returns (sum of the
-    per-sample losses, trained tokens). Raises NonFiniteLossError on every rank together."""
-    micro = rt.sizes.micro_batch_size
-    loss_sum, train_tokens = 0.0, 0
-    for m in range(rt.sizes.grad_accum):
-        mids = ids[m * micro:(m + 1) * micro]
-        batch = batching.collate([dataset[i] for i in mids], rt.pad_id, engine.device)
-        train_tokens += int(batch["attention_mask"].sum())
-        outp = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        per = batching.per_sample_nll(outp.logits, batch["labels"])
-        loss = (per * weights[m * micro:(m + 1) * micro].to(per.device)).mean()
-        if comm.any_rank(not bool(torch.isfinite(loss))):
-            bad = comm.all_gather_objects([i for i, v in zip(mids, per.tolist()) if not math.isfinite(v)])
-            raise NonFiniteLossError(
-                f"non-finite training loss at step {step} (samples {sorted(sum(bad, []))}); "
-                f"last good checkpoint: {last_ckpt or 'none'}")
-        engine.backward(loss)
-        engine.step()
-        loss_sum += float(per.detach().sum())
-    return loss_sum, train_tokens
+    their loss weights), micro-batch by micro-batch as the DeepSpeed config says. With scoring stale, the
+    closed-form loss and sketch of each trained sample are computed from the same forward (its lm_head input and
+    logits, no graph), so the selector can use them later. Raises NonFiniteLossError on every rank together."""
+    micro, measure = rt.sizes.micro_batch_size, rt.optbatch.stale
+    inv_sqrt_v = rt.inv_sqrt_v(step, {"curvature": 0.0}) if measure else None
+    loss_sum, train_tokens, positions, losses, sketches, feature_s = 0.0, 0, 0, [], [], 0.0
+    capture = LmHeadInput(engine.module) if measure else None
+    try:
+        for m in range(rt.sizes.grad_accum):
+            mids = ids[m * micro:(m + 1) * micro]
+            batch = batching.collate([dataset[i] for i in mids], rt.pad_id, engine.device)
+            train_tokens += int(batch["attention_mask"].sum())
+            positions += batch["attention_mask"].numel()
+            outp = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            per = batching.per_sample_nll(outp.logits, batch["labels"])
+            loss = (per * weights[m * micro:(m + 1) * micro].to(per.device)).mean()
+            if comm.any_rank(not bool(torch.isfinite(loss))):
+                bad = comm.all_gather_objects([i for i, v in zip(mids, per.tolist()) if not math.isfinite(v)])
+                raise NonFiniteLossError(
+                    f"non-finite training loss at step {step} (samples {sorted(sum(bad, []))}); "
+                    f"last good checkpoint: {last_ckpt or 'none'}")
+            if measure:
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    l, f = rt.scorer.signals(capture.value.detach(), outp.logits.detach(), batch["labels"], inv_sqrt_v)
+                losses.append(l.float().cpu())
+                sketches.append(f.float().cpu() if f is not None else None)
+                feature_s += time.perf_counter() - t0
+            engine.backward(loss)
+            engine.step()
+            loss_sum += float(per.detach().sum())
+    finally:
+        if capture is not None:
+            capture.remove()
+    if not measure:
+        return Trained(loss_sum, train_tokens, positions)
+    sk = torch.cat(sketches) if sketches and sketches[0] is not None else None
+    return Trained(loss_sum, train_tokens, positions, torch.cat(losses), sk, feature_s)
+
+
+def record_training(rt: SelectionRuntime, trained_ids: list, trained: Trained, step: int, timers: dict) -> None:
+    """Scoring stale: gather what every rank's training forwards measured and record it on rank 0; every rank
+    marks the samples measured. `trained_ids`: the step's samples in rank order (what `deal` returned), the order
+    the gathered measurements come in. Collective."""
+    if trained.losses is None:
+        return
+    t0 = time.perf_counter()
+    losses = comm.gather_to_rank0(trained.losses)
+    sketches = comm.gather_to_rank0(trained.sketches) if trained.sketches is not None else None
+    timers["gather"] += time.perf_counter() - t0
+    rt.measured[trained_ids] = True
+    if rt.rank == 0:
+        rt.store.record(trained_ids, losses, sketches, step)

@@ -22,6 +22,7 @@ from optbatch_ds.data import EpochSampler
 from optbatch_ds.errors import ResumeError
 from optbatch_ds.evaluate import EvalSettings, evaluate, format_table
 from optbatch_ds.export import export_hf
+from optbatch_ds.signals import reference_losses
 from optbatch_ds.runlog import RunLog, selection_line
 from optbatch_ds.scoring import curvature_inv_sqrt
 from optbatch_ds.session import Prepared, build_engine, prepare_data_and_model, resolve_here, seed_everything
@@ -88,18 +89,25 @@ class Recipe:
         rs = resolve_here(run, world, num_train_samples=len(prep.pool))
         total_steps = planned_steps(run, len(prep.pool), rs.candidates)
         log = RunLog(out, rank)
-        log.write_json("config.json", {**rs.to_json(), "model_path": prep.model_path, "train_data": prep.train_spec,
-                                       "eval_data": prep.eval_spec, "planned_steps": total_steps})
         if log.active:
             prep.report.write(log.path("bad_records.json"))
         if prep.report.count():
             log0(f"skipped {prep.report.count()} records (listed in {out}/bad_records.json)")
+        reference, ref_summary = reference_losses(rs.optbatch, prep.examples)
+        log.write_json("config.json", {**rs.to_json(), "model_path": prep.model_path, "train_data": prep.train_spec,
+                                       "eval_data": prep.eval_spec, "planned_steps": total_steps,
+                                       "reference": ref_summary})
         engine, n_params, keep_alive = build_engine(prep, rs)
         eps = rs.optbatch.eps
         rt = ob_step.SelectionRuntime.build(engine.module, rs.optbatch, rs.sizes, prep.tokenizer.pad_token_id,
                                             lambda: curvature_inv_sqrt(engine, eps), total_steps, rank)
+        rt.attach(len(prep.encoded), reference)
+        rt.group_by_length = run.group_by_length
         recipe = cls(run, rank, out, prep, rs, engine, n_params, rt, EpochSampler(len(prep.pool), seed=run.seed),
                      log, total_steps, keep_alive)
+        if ref_summary:  # the reference models' cost counts from step 0: FLOPs and time to quality include it
+            recipe.totals.update(flops=ref_summary["flops"], reference_flops=ref_summary["flops"],
+                                 reference_wall_s=ref_summary["wall_s"])
         ob = rs.optbatch
         log0(f"optbatch_ds | world {world} | model {prep.model_path} ({n_params / 1e6:.2f}M params) | "
              f"train {len(prep.pool)} samples | method {ob.method} | prune {ob.prune_ratio} | "
@@ -123,6 +131,8 @@ class Recipe:
             self.step = int(client["step"])
             warnings = self.sampler.load_state_dict(client["sampler"])
             warnings += self.rt.selector.load_state_dict(client["selector"])
+            if "runtime" in client:
+                self.rt.load_state_dict(client["runtime"])
             self.totals = client["totals"]
             load_rng(resume_dir, self.rank)
             ob = self.rs.optbatch
@@ -143,28 +153,29 @@ class Recipe:
         step, rt, sizes = self.step, self.rt, self.rs.sizes
         timers = ob_step.new_timers()
         t_step = t0 = time.perf_counter()
-        # 1. draw: every rank computes the same pool; rank r scores its slice
+        # 1. draw: every rank computes the same pool
         cand = [self.prep.pool[p] for p in self.sampler.draw(sizes.candidates)]
-        cpr, bpr = sizes.candidates_per_rank, sizes.batch_per_rank
         timers["draw"] = time.perf_counter() - t0
-        # 2-5. score, gather, select on rank 0, broadcast + agreement check
-        mine = [self.prep.encoded[i] for i in cand[self.rank * cpr:(self.rank + 1) * cpr]]
-        choice = ob_step.choose_batch(rt, self.engine, mine, step, timers)
+        # 2-5. score (rank r its slice, or recorded values), gather, select on rank 0, broadcast + agreement check
+        choice = ob_step.choose_batch(rt, self.engine, self.prep.encoded, cand, step, timers)
         t0 = time.perf_counter()
         info = {**choice.info, **ob_step.diversity(rt, choice, step)} if self.rank == 0 else choice.info
         timers["diagnostics"] = time.perf_counter() - t0 if choice.sketches is not None else 0.0
         selected = [cand[p] for p in choice.positions.tolist()]
         if self.history is not None:
             self.history.append(selected)
-        # 6. train on this rank's share, micro-batch by micro-batch
+        # 6. train on this rank's share, micro-batch by micro-batch (scoring stale: recording what it measures)
         t0 = time.perf_counter()
-        share = slice(self.rank * bpr, (self.rank + 1) * bpr)
-        loss_sum, tokens = ob_step.train_on(rt, self.engine, self.prep.encoded, selected[share],
-                                            choice.weights[share], step, self.last_ckpt)
-        timers["train"] = time.perf_counter() - t0
+        dealt, weights = ob_step.deal(rt, self.prep.encoded, selected, choice.weights)
+        trained = ob_step.train_on(rt, self.engine, self.prep.encoded, *ob_step.my_share(rt, dealt, weights), step,
+                                   self.last_ckpt)
+        timers["train"] = time.perf_counter() - t0 - trained.feature_s
+        timers["features"] += trained.feature_s
+        ob_step.record_training(rt, dealt, trained, step, timers)
         # the step's counters (and the preemption flag) summed over ranks in one collective
-        stats = comm.sum_over_ranks(torch.tensor([loss_sum, float(tokens), float(choice.score_tokens),
-                                                  1.0 if preempt_requested else 0.0], dtype=torch.float64))
+        stats = comm.sum_over_ranks(torch.tensor([trained.loss_sum, float(trained.tokens), float(choice.score_tokens),
+                                                  1.0 if preempt_requested else 0.0, float(trained.positions)],
+                                                 dtype=torch.float64))
         record = self._record(stats, timers, info, time.perf_counter() - t_step)
         self.log.step(record, selection_line(step, cand, selected, choice.weights, info, choice.losses))
         return StepOutcome(record, selected, bool(stats[3] > 0))
@@ -179,7 +190,8 @@ class Recipe:
         lr = self.engine.get_lr()
         return {"step": self.step, "epoch": self.sampler.epoch, "loss": float(stats[0]) / b,
                 "lr": float(lr[0]) if lr else None, "candidates": c, "trained": b, "tokens": int(stats[1]),
-                "score_tokens": int(stats[2]), "tokens_per_s": float(stats[1] + stats[2]) / max(step_time, 1e-9),
+                "score_tokens": int(stats[2]), "train_positions": int(stats[4]),
+                "tokens_per_s": float(stats[1] + stats[2]) / max(step_time, 1e-9),
                 "time": {k: round(v, 6) for k, v in {**timers, "total": step_time}.items()},
                 "wall": round(time.perf_counter() - self.t_run, 3), **self.totals,
                 **{k: v for k, v in info.items() if k in ob_step.LOGGED_INFO}}
@@ -192,6 +204,8 @@ class Recipe:
         tag = f"step_{self.step:06d}"
         client = {"step": self.step, "sampler": self.sampler.state_dict(), "selector": self.rt.selector.state_dict(),
                   "totals": dict(self.totals), "config": dataclasses.asdict(self.rs.optbatch)}
+        if self.rt.measured is not None:  # the recorded losses and sketches (rank 0's; every rank loads that file)
+            client["runtime"] = self.rt.state_dict()
         self.engine.save_checkpoint(self.ckpt_root, tag=tag, client_state=client)
         save_rng(os.path.join(self.ckpt_root, tag), self.rank)
         comm.barrier()
@@ -229,6 +243,29 @@ class Recipe:
         return {"step": self.step, "eval": result, "totals": self.totals, "history": self.history, "rank": self.rank}
 
 
+def fit(r: Recipe) -> bool:
+    """The training loop: steps until the planned total, checkpoints and evaluations on their schedule.
+    Collective. Returns True when a SIGTERM stopped it (the step was finished and checkpointed: requeue)."""
+    # from here on a rank that stops answering is an error within the collective timeout
+    comm.set_collective_timeout(r.run.collective_timeout)
+    r.log.start_progress(r.total_steps, r.step, r.run.log_every)
+    r.engine.train()
+    r.t_run = time.perf_counter()
+    try:
+        with _Preemption() as preempt:
+            while r.step < r.total_steps:
+                if r.train_step(preempt.requested).preempted:  # save and leave so a requeued job resumes here
+                    log0(f"SIGTERM: saved {r.save()} at step {r.step}; exiting for requeue")
+                    return True
+                if r.run.save_every and r.step % r.run.save_every == 0 and r.step < r.total_steps:
+                    r.save()
+                if r.run.eval_every and r.step % r.run.eval_every == 0 and r.step < r.total_steps:
+                    r.evaluate()
+    finally:
+        r.log.close()
+    return False
+
+
 def train(run: RunConfig, rank: int, world: int, local_rank: int, record_history: bool = False) -> dict:
     """DESIGN §2 steps 1-6 every step, then save, evaluate and export. Collective: call on every rank.
 
@@ -237,24 +274,8 @@ def train(run: RunConfig, rank: int, world: int, local_rank: int, record_history
     r = Recipe.setup(run, rank, world, local_rank)
     r.history = [] if record_history else None
     start_step = r.step
-    # from here on a rank that stops answering is an error within the collective timeout
-    comm.set_collective_timeout(run.collective_timeout)
-    r.log.start_progress(r.total_steps, start_step, run.log_every)
-    r.engine.train()
-    r.t_run = time.perf_counter()
-    try:
-        with _Preemption() as preempt:
-            while r.step < r.total_steps:
-                outcome = r.train_step(preempt.requested)
-                if outcome.preempted:  # save and leave cleanly so a requeued job resumes here
-                    log0(f"SIGTERM: saved {r.save()} at step {r.step}; exiting for requeue")
-                    return {"preempted": True, "step": r.step, "history": r.history, "rank": rank}
-                if run.save_every and r.step % run.save_every == 0 and r.step < r.total_steps:
-                    r.save()
-                if run.eval_every and r.step % run.eval_every == 0 and r.step < r.total_steps:
-                    r.evaluate()
-    finally:
-        r.log.close()
+    if fit(r):
+        return {"preempted": True, "step": r.step, "history": r.history, "rank": rank}
     return r.finish(start_step)
 
 

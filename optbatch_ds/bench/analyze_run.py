@@ -3,8 +3,13 @@
 For training data whose records carry labels (the demo set: "task" and "defect"), per epoch:
   - the median candidate loss of each (task, defect) group: which samples are hard, and when;
   - the share of trained samples that are defective (misaligned or truncated answers);
-  - how well the candidate loss alone tells defective from clean samples (ROC AUC; 0.5 = not at all).
-Every sample is scored once per epoch, so the logged candidate losses are a loss trajectory for every
+  - how well the candidate loss alone tells defective from clean samples (ROC AUC; 0.5 = not at all);
+  - for every candidate selection signal (`SIGNALS`, computed from the loss trajectories and, with
+    --reference-losses, launch/reference.py's losses): P(signal of a defective > signal of a clean sample)
+    (a good signal is low: it does not favour wrong answers) and P(signal of a hard clean > signal of an easy
+    clean sample) (a good signal is high: it still favours what is left to learn). "Hard" clean samples are
+    those whose first-epoch loss is above the median of the clean ones.
+Every sample is a candidate once per epoch, so the logged candidate losses are a loss trajectory for every
 training sample. Needs the "losses" field the trainer writes to selection.jsonl for scored methods.
 """
 from __future__ import annotations
@@ -19,6 +24,20 @@ import numpy as np
 from optbatch_ds.bench.io import WRONG_ANSWERS as DEFECTIVE  # duplicates are right answers seen twice
 from optbatch_ds.bench.io import read_json, read_jsonl, record_labels
 from optbatch_ds.errors import ConfigError
+
+# Candidate selection signals, from the loss matrix L (epochs x samples, NaN where not a candidate), the epoch e,
+# the first loss of each sample and its reference loss (None without --reference-losses). Higher = selected.
+SIGNALS = {
+    "loss": lambda L, e, first, ref: L[e],
+    "reducible": lambda L, e, first, ref: None if ref is None else L[e] - ref,
+    "first_loss": lambda L, e, first, ref: first,
+    "loss_ratio": lambda L, e, first, ref: L[e] / first,
+    "loss_drop": lambda L, e, first, ref: first - L[e],
+    "last_drop": lambda L, e, first, ref: L[e - 1] - L[e] if e else None,
+    "loss_vs_first": lambda L, e, first, ref: L[e] - first,
+    "progress": lambda L, e, first, ref: 1.0 - L[e] / first,
+    "neg_reference": lambda L, e, first, ref: None if ref is None else -ref + 0 * L[e],
+}
 
 
 def load_run(run_dir: str) -> tuple[list[dict], list[dict]]:
@@ -83,6 +102,38 @@ def analyse(selection: list[dict], records: list[dict]) -> dict:
     return out
 
 
+def loss_matrix(selection: list[dict], n: int, per_epoch: int) -> np.ndarray:
+    """(epochs, n) candidate losses: row e holds every sample's loss when it was a candidate in epoch e (NaN if
+    it was not: the few left over at an epoch's end)."""
+    epochs = (len(selection) + per_epoch - 1) // per_epoch
+    L = np.full((epochs, n), np.nan)
+    for step, line in enumerate(selection):
+        for i, value in zip(line["candidates"], line.get("losses") or []):
+            if value is not None:
+                L[step // per_epoch, i] = value
+    return L
+
+
+def signal_aucs(L: np.ndarray, defective: np.ndarray, reference: np.ndarray | None) -> dict:
+    """Per signal and epoch: AUC(defective > clean) and AUC(hard clean > easy clean) (module docstring)."""
+    first = np.full(L.shape[1], np.nan)
+    for row in L:  # the first loss each sample ever had
+        first = np.where(np.isnan(first), row, first)
+    clean = ~defective
+    hard = clean & (first > np.nanmedian(first[clean]))
+    out = {}
+    for name, fn in SIGNALS.items():
+        per = {"defective": [], "hard_clean": []}
+        for e in range(L.shape[0]):
+            s = fn(L, e, first, reference)
+            ok = None if s is None else ~np.isnan(s)
+            per["defective"].append(float("nan") if s is None else roc_auc(s[ok], defective[ok]))
+            per["hard_clean"].append(float("nan") if s is None else roc_auc(s[ok & clean], hard[ok & clean]))
+        if not all(np.isnan(per["defective"])):
+            out[name] = per
+    return out
+
+
 def markdown(result: dict, run_dir: str) -> str:
     e = result["epochs"]
     head = "| | " + " | ".join(str(i) for i in range(e)) + " |"
@@ -99,15 +150,41 @@ def markdown(result: dict, run_dir: str) -> str:
         lines += [f"| {g} | " + " | ".join(f"{x:.3f}" for x in result["median_loss"][g]) + " |" for g in result["groups"]]
     else:
         lines += ["", "(no candidate losses in selection.jsonl: this method does not score its candidates)"]
+    if result.get("signals"):
+        lines += ["", "Candidate signals (higher = selected). AUC defective: P(signal of a defective > of a clean "
+                  "sample), good when low; AUC hard: P(signal of a hard clean > of an easy clean sample), good when "
+                  "high:", "", "| signal | AUC | " + " | ".join(str(i) for i in range(e)) + " |",
+                  "|---|---|" + "---|" * e]
+        for name, per in result["signals"].items():
+            for key, label in (("defective", "defective"), ("hard_clean", "hard")):
+                lines.append(f"| {name} | {label} | " + " | ".join(f"{x:.3f}" for x in per[key]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _reference_for(run_dir: str, path: str | None) -> np.ndarray | None:
+    """The reference loss of every training record of the run (NaN where none), or None without a path."""
+    if path is None:
+        return None
+    from optbatch_ds.data import load_examples
+    from optbatch_ds.signals import ReferenceLosses
+
+    train_data = (read_json(os.path.join(run_dir, "config.json")) or {}).get("train_data")
+    return ReferenceLosses.load(path).for_examples(load_examples(train_data))[0]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="launch/analyze_run.py", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", help="A launch/train.py --output-dir (e.g. bench_out/e10/runs/optbatch_a0.30_s0).")
     p.add_argument("--json", default=None, help="Also write the numbers to this file.")
+    p.add_argument("--reference-losses", default=None,
+                   help="launch/reference.py's output folder: adds the reducible signal to the signal table.")
     args = p.parse_args(argv)
-    result = analyse(*load_run(args.run_dir))
+    selection, records = load_run(args.run_dir)
+    result = analyse(selection, records)
+    if result["has_losses"]:
+        L = loss_matrix(selection, len(records), result["steps_per_epoch"])
+        result["signals"] = signal_aucs(L, np.array([r["defect"] in DEFECTIVE for r in records]),
+                                        _reference_for(args.run_dir, args.reference_losses))
     print(markdown(result, args.run_dir), end="")
     if args.json:
         with open(args.json, "w") as f:

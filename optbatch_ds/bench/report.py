@@ -86,7 +86,11 @@ def collect_run(run: RunSpec, tasks_seen: set) -> dict:
             row[f"loss_{task}"] = t.get("loss")
     for key in ("samples_trained", "samples_scored", "tokens_trained", "flops"):
         row[key] = last.get(key, 0)
-    cum_wall, wall_at = 0.0, {}
+    # a reference model's training and scoring (launch/reference.py) come before step 1: its time counts from
+    # the start, as its FLOPs do in the trainer's totals
+    row["reference_wall_s"] = float(last.get("reference_wall_s", 0.0) or 0.0)
+    row["reference_flops"] = float(last.get("reference_flops", 0.0) or 0.0)
+    cum_wall, wall_at = row["reference_wall_s"], {}
     sums = dict.fromkeys(TIME_PARTS, 0.0)
     for m in metrics:
         t = m.get("time", {})
@@ -94,7 +98,8 @@ def collect_run(run: RunSpec, tasks_seen: set) -> dict:
             sums[k] += float(t.get(k, 0.0) or 0.0)
         cum_wall += float(t.get("total", 0.0) or 0.0)
         wall_at[m.get("step")] = (cum_wall, m.get("flops", 0.0))
-    row["wall_s"] = sums["total"]  # training time: the steps themselves, without start-up and evaluations
+    # training time: the steps themselves (plus the reference's), without start-up and evaluations
+    row["wall_s"] = sums["total"] + row["reference_wall_s"]
     for k in TIME_PARTS[:-1]:
         row[f"time_{k}"] = sums[k]
     history = []
@@ -149,9 +154,11 @@ def summarize(rows: list[dict], tasks: list[str]) -> list[dict]:
 
 def paired_differences(rows: list[dict], key: str = "heldout_loss") -> list[dict]:
     """Per (variant, ratio): mean ± std over seeds of run - full (same seed) and run - random (same seed
-    and ratio). Empty when there is nothing to pair."""
+    and ratio); the seeds where the run is below full ("wins"); and the run's FLOPs and wall time as ratios to
+    full-data training's of the same seed. Empty when there is nothing to pair."""
     ok = [r for r in rows if r["status"] == "ok" and r.get(key) == r.get(key)]
-    full = {r["seed"]: r[key] for r in ok if r["method"] == "full" and not r["ablation"]}
+    full_rows = {r["seed"]: r for r in ok if r["method"] == "full" and not r["ablation"]}
+    full = {seed: r[key] for seed, r in full_rows.items()}
     rand = {(r["prune_ratio"], r["seed"]): r[key] for r in ok if r["method"] == "random" and not r["ablation"]}
     groups: dict[tuple, list[dict]] = {}
     for r in ok:
@@ -165,8 +172,13 @@ def paired_differences(rows: list[dict], key: str = "heldout_loss") -> list[dict
         if not d_full and not d_rand:
             continue
         (mf, sf), (mr, sr) = mean_std(d_full), mean_std(d_rand)
+        paired = [(r, full_rows[r["seed"]]) for r in rs if r["seed"] in full_rows]
+        flops = mean_std([r["flops"] / f["flops"] for r, f in paired if f.get("flops")])
+        wall = mean_std([r["wall_s"] / f["wall_s"] for r, f in paired if f.get("wall_s")])
         out.append({"label": label, "prune_ratio": ratio, "vs_full": mf, "vs_full_std": sf, "n_full": len(d_full),
-                    "vs_random": mr, "vs_random_std": sr, "n_random": len(d_rand)})
+                    "wins": sum(d < 0 for d in d_full), "vs_random": mr, "vs_random_std": sr, "n_random": len(d_rand),
+                    "flops_ratio": flops[0], "flops_ratio_std": flops[1], "wall_ratio": wall[0],
+                    "wall_ratio_std": wall[1]})
     return out
 
 
@@ -287,10 +299,13 @@ def markdown(summary: list[dict], rows: list[dict], tasks: list[str], args, meta
                   "A seed fixes the model initialisation and the data order for every method, so the per-seed "
                   "difference removes the part of the spread that all methods share. Mean ± std over the seeds "
                   "both runs have; n = number of such seeds.", "",
-                  "| method | α | − full | n | − random (same α) | n |", "|---|---|---|---|---|---|"]
+                  "| method | α | − full | seeds below full | FLOPs / full | wall / full | − random (same α) | n |",
+                  "|---|---|---|---|---|---|---|---|"]
         for p in paired:
             lines.append(f"| {p['label']} | {p['prune_ratio']:.2f} | {_signed(p['vs_full'], p['vs_full_std'])} | "
-                         f"{p['n_full']} | {_signed(p['vs_random'], p['vs_random_std'])} | {p['n_random']} |")
+                         f"{p['wins']}/{p['n_full']} | {_cell(p['flops_ratio'], p['flops_ratio_std'], '{:.3f}')} | "
+                         f"{_cell(p['wall_ratio'], p['wall_ratio_std'], '{:.3f}')} | "
+                         f"{_signed(p['vs_random'], p['vs_random_std'])} | {p['n_random']} |")
     lines += ["", "## Per task: held-out loss, and each task's share of the trained samples", "",
               "Every sample is scored once per epoch, so the candidates' task mix is the dataset's (full-data "
               "training's row); a share that moves away from it is the selection's doing.", ""]
@@ -381,7 +396,7 @@ def plot(out_dir: str, summary: list[dict], rows: list[dict], epochs_budget: flo
         ax.set_xlabel("prune ratio α")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    if any(ax.get_legend_handlesrecord_labels()[0] for ax in axes):
+    if any(ax.get_legend_handles_labels()[0] for ax in axes):
         axes[1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     paths.append(os.path.join(out_dir, "quality_vs_ratio.png"))

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from optbatch_ds.options import as_float, as_int, bad, check_choices, option
 
 FEATURES = ("grad_curvature", "grad_raw", "hidden")
+SCORINGS = ("fresh", "stale")
+PRIORS = ("fresh", "reference")
 
 
 @dataclass(frozen=True)
@@ -21,12 +23,28 @@ class ScoringConfig:
     vocab_chunk: int = option(4096, "Vocabulary rows per chunk in the feature computation (bounds memory).")
     score_batch_size: int = option(0, "Samples per scoring forward; 0 = 2 x train_micro_batch_size_per_gpu (no "
                                    "activations are kept for backward, so twice the micro batch fits).")
+    scoring: str = option("fresh", "fresh: a scoring forward over every candidate each step (the paper's); stale: the "
+                          "loss and sketch recorded when a sample was last trained (computed inside the training "
+                          "forward, no second forward) or last scored; a sample never measured is scored fresh.",
+                          choices=SCORINGS)
+    refresh: float = option(0.0, "With scoring stale: this fraction of each step's budget is drawn uniformly from the "
+                            "candidates the selector did not keep, so pruned samples get re-measured.")
+    prior: str = option("fresh", "With scoring stale, what a candidate never measured gets: fresh (a scoring forward) "
+                        "or reference (no forward: the mean measured loss, so signal reducible ranks such candidates "
+                        "by their reference loss alone; needs reference_losses).", choices=PRIORS)
 
     def __post_init__(self):
         check_choices(self, ScoringConfig)
         sketch_dim, chunk, score_bs = (as_int(getattr(self, k), k) for k in ("sketch_dim", "vocab_chunk",
                                                                               "score_batch_size"))
         eps = as_float(self.eps, "eps", allow_inf=False)
+        refresh = as_float(self.refresh, "refresh", allow_inf=False)
+        if not 0.0 <= refresh < 1.0:
+            raise bad("refresh", f"{self.refresh} must be in [0, 1) (a fraction of each step's budget)")
+        if refresh > 0 and self.scoring != "stale":
+            raise bad("refresh", "only applies to scoring 'stale' (fresh scoring re-measures every candidate)")
+        if self.prior != "fresh" and self.scoring != "stale":
+            raise bad("prior", "only applies to scoring 'stale' (fresh scoring measures every candidate)")
         if sketch_dim < 0:
             raise bad("sketch_dim", f"{self.sketch_dim} must be >= 0 (0 = use the features unprojected)")
         if not eps > 0:
@@ -36,5 +54,5 @@ class ScoringConfig:
         if score_bs < 0:
             raise bad("score_batch_size", f"{self.score_batch_size} must be >= 0 (0 = 2 x the micro batch)")
         for key, value in (("sketch_dim", sketch_dim), ("vocab_chunk", chunk), ("score_batch_size", score_bs),
-                           ("eps", eps)):
+                           ("eps", eps), ("refresh", refresh)):
             object.__setattr__(self, key, value)

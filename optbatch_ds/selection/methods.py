@@ -70,12 +70,23 @@ def _draw_in_strata(groups, quotas, generator) -> torch.Tensor:
     return torch.cat(picks)
 
 
-def _random(loss, sk, budget, config, generator, progress):
+def _top_in_strata(signal, groups, quotas) -> torch.Tensor:
+    """The highest-signal members of each stratum up to its quota, highest stratum first; ties go to the lower
+    position (stable sort)."""
+    picks = []
+    for s in reversed(range(len(groups))):
+        if quotas[s] > 0:
+            order = torch.sort(signal[groups[s]], descending=True, stable=True).indices
+            picks.append(groups[s][order[:quotas[s]]])
+    return torch.cat(picks)
+
+
+def _random(_loss, loss, sk, budget, config, generator, progress):
     perm = torch.randperm(loss.numel(), generator=generator, device=generator.device).cpu()
     return perm[:budget], None, {}, None
 
 
-def _online_hard(loss, sk, budget, config, generator, progress):
+def _online_hard(_loss, loss, sk, budget, config, generator, progress):
     # Stable descending sort keeps equal losses in position order: ties go to the lower index.
     return torch.sort(loss, descending=True, stable=True).indices[:budget], None, {}, None
 
@@ -97,14 +108,14 @@ def _strata_info(loss, groups, quotas) -> dict:
     }
 
 
-def _ccs(loss, sk, budget, config, generator, progress):
+def _ccs(_loss, loss, sk, budget, config, generator, progress):
     groups = loss_strata(loss, config.strata)
     quotas = even_quotas([g.numel() for g in groups], budget)
     return (_draw_in_strata(groups, quotas, generator), None, _strata_info(loss, groups, quotas),
             _stratum_labels(loss.numel(), groups))
 
 
-def _infobatch(loss, sk, budget, config, generator, progress):
+def _infobatch(_loss, loss, sk, budget, config, generator, progress):
     """Drop c - budget candidates at random from those below the mean loss; reweight kept low ones.
 
     If fewer than c - budget candidates are below the mean, all of them are dropped and the rest of
@@ -150,13 +161,15 @@ def loss_fence(loss: torch.Tensor, k: float) -> float:
     return q3 + k * (q3 - q1)
 
 
-def _optbatch(loss, sk, budget, config, generator, progress):
+def _optbatch(raw_loss, signal, sk, budget, config, generator, progress):
     """Strata, exp(loss) quotas and farthest-point filling (DESIGN §2 step 4).
 
-    With an outlier fence, candidates above it are set aside first: in instruction data the extreme
-    losses are mostly defects (misaligned or truncated answers), which exp(loss) quotas would favour and
-    farthest-point selection would seek out as outliers. They fill the budget, lowest loss first, only
-    when the others cannot."""
+    `signal` is what the within-stratum choice "top" ranks by (the losses without a signal); the strata, their
+    quotas and the fence are cut on it too, or on the raw losses with strata_by="loss". With an outlier fence,
+    candidates above it are set aside first: in instruction data the extreme losses are mostly defects
+    (misaligned or truncated answers), which exp(loss) quotas would favour and farthest-point selection would
+    seek out as outliers. They fill the budget, lowest first, only when the others cannot."""
+    loss = raw_loss if config.strata_by == "loss" else signal
     fence = loss_fence(loss, config.outlier_fence)
     inside = torch.nonzero(loss <= fence).flatten()
     suspects = torch.nonzero(loss > fence).flatten()
@@ -173,6 +186,8 @@ def _optbatch(loss, sk, budget, config, generator, progress):
     quotas = exp_loss_quotas(sub_loss, groups, budget, tau, config.quotas == "exp_loss", generator)
     if config.within == "farthest":
         picks = farthest_fill(prepare_sketches(sk[inside], config.distance), groups, quotas)
+    elif config.within == "top":
+        picks = _top_in_strata(signal[inside], groups, quotas)
     else:
         picks = _draw_in_strata(groups, quotas, generator)
     info = _strata_info(sub_loss, groups, quotas)
@@ -214,12 +229,15 @@ _METHODS = {
 
 
 def select(losses, sketches, budget: int, config: SelectionConfig,
-           generator: torch.Generator | None, progress: float = 0.0) -> SelectionResult:
+           generator: torch.Generator | None, progress: float = 0.0, signal=None) -> SelectionResult:
     """Choose `budget` of the c candidates.
 
     losses: (c,) per-candidate loss; sketches: (c, k) per-candidate sketch, or None for methods
-    that do not use them (optbatch with within="farthest" needs them). Candidates whose loss or
-    any sketch entry is NaN/inf are excluded first and counted in info["excluded_nonfinite"];
+    that do not use them (optbatch with within="farthest" needs them). signal: (c,) what the methods rank
+    by (strata, quotas, top-k, the mean threshold) instead of the losses, e.g. the reducible loss
+    (`optbatch_ds.signals`); None = the losses. info's mean_loss_* always report losses.
+    Candidates whose loss, signal or any sketch entry is NaN/inf are excluded first and counted in
+    info["excluded_nonfinite"];
     if fewer than `budget` remain, SelectionError. `full` is not a selection: it needs
     budget == c and returns every candidate in order, finite or not (info["nonfinite"] counts them).
     progress: the fraction of training done, in [0, 1]; only optbatch's temperature schedule
@@ -230,7 +248,10 @@ def select(losses, sketches, budget: int, config: SelectionConfig,
         raise TypeError(f"config must be a SelectionConfig, got {type(config).__name__}")
     loss, sk, budget = _check_inputs(losses, sketches, budget)
     c = loss.numel()
-    finite = torch.isfinite(loss)
+    key = loss if signal is None else _check_inputs(signal, None, budget)[0]
+    if key.numel() != c:
+        raise ValueError(f"signal must have shape (c,) = ({c},) like the losses, got {tuple(key.shape)}")
+    finite = torch.isfinite(loss) & torch.isfinite(key)
     if sk is not None:
         finite &= torch.isfinite(sk).all(dim=1)
     info = {"method": config.method, "candidates": c, "budget": budget}
@@ -254,10 +275,10 @@ def select(losses, sketches, budget: int, config: SelectionConfig,
     excluded = c - valid.numel()
     if valid.numel() < budget:
         raise SelectionError(
-            f"only {valid.numel()} of {c} candidates have a finite loss and sketch ({excluded} non-finite); "
+            f"only {valid.numel()} of {c} candidates have a finite loss, signal and sketch ({excluded} non-finite); "
             f"cannot select budget={budget}")
     local, weights, extra, local_strata = _METHODS[config.method](
-        loss[valid], None if sk is None else sk[valid], budget, config, generator, progress)
+        loss[valid], key[valid], None if sk is None else sk[valid], budget, config, generator, progress)
     indices = valid[local]
     strata = np.full(c, -1, dtype=np.int64)
     if local_strata is not None:

@@ -32,9 +32,10 @@ class Selector:
             return 0.0
         return min(max((int(step) - 1) / (self.total_steps - 1), 0.0), 1.0)
 
-    def __call__(self, step: int, losses, sketches, budget: int) -> SelectionResult:
+    def __call__(self, step: int, losses, sketches, budget: int, signal=None) -> SelectionResult:
+        """`select` at `step` (see its arguments), with the step's generator and training progress."""
         result = select(losses, sketches, budget, self.config, step_generator(self.config.seed, step),
-                        progress=self.progress(step))
+                        progress=self.progress(step), signal=signal)
         self.calls += 1
         self.last_step = int(step)
         result.info["step"] = int(step)

@@ -109,9 +109,12 @@ def test_each_optbatch_key_is_declared_once_and_composed():
     from optbatch_ds.scoring import ScoringConfig
     from optbatch_ds.selection import SelectionConfig
 
+    from optbatch_ds.signals import SignalConfig
+
     own = {f.name for f in fields(OptBatchConfig)}
     sel, sco = {f.name for f in fields(SelectionConfig)}, {f.name for f in fields(ScoringConfig)}
-    assert own == sel | sco | {"prune_ratio"} and not sel & sco
+    sig = {f.name for f in fields(SignalConfig)}
+    assert own == sel | sco | sig | {"prune_ratio"} and not (sel & sco or sel & sig or sco & sig)
     ob = OptBatchConfig.from_dict({"method": "ccs", "strata": 5, "sketch_dim": 64, "outlier_fence": 1.5})
     assert ob.selection_config() == SelectionConfig(method="ccs", strata=5, outlier_fence=1.5)
     # one validator per key, one message format, whichever class is built

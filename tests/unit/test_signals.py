@@ -1,0 +1,178 @@
+"""Signals, the per-sample store, reference losses by content hash, and dealing a step by length: each against a
+plain reference on fresh random inputs.
+
+    python -m pytest tests/unit/test_signals.py -q
+"""
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from optbatch_ds.batching import collate, deal_by_length, padded_positions, per_sample_nll
+from optbatch_ds.data import load_examples, make_demo_data
+from optbatch_ds.data.demo import DemoSpec
+from optbatch_ds.data.hashing import record_hash
+from optbatch_ds.errors import ConfigError
+from optbatch_ds.selection import SelectionConfig, select, step_generator
+from optbatch_ds.signals import (LOSSES_FILE, ReferenceLosses, SampleStore, SignalConfig, SignalContext,
+                                 fill_reference, neighbour_excess, signal_values)
+
+pytestmark = pytest.mark.unit
+
+
+def test_select_ranks_by_the_signal_and_reports_losses():
+    """With a signal, every method sees the signal where it saw the losses; the loss means stay losses."""
+    g = torch.Generator().manual_seed(1)
+    losses = torch.rand(50, generator=g, dtype=torch.float64) * 3
+    signal = torch.randn(50, generator=g, dtype=torch.float64)
+    sketches = torch.randn(50, 8, generator=g)
+    for method in ("optbatch", "ccs", "online_hard", "infobatch"):
+        cfg = SelectionConfig(method=method, seed=4)
+        with_signal = select(losses, sketches, 30, cfg, step_generator(4, 7), signal=signal)
+        as_losses = select(signal, sketches, 30, cfg, step_generator(4, 7))
+        assert with_signal.indices.tolist() == as_losses.indices.tolist(), method
+        assert with_signal.strata.tolist() == as_losses.strata.tolist()
+        assert with_signal.info["mean_loss_selected"] == pytest.approx(float(losses[with_signal.indices].mean()))
+    signal[3] = math.nan  # a candidate without a signal is excluded like a non-finite loss
+    res = select(losses, sketches, 30, SelectionConfig(seed=4), step_generator(4, 7), signal=signal)
+    assert 3 not in res.indices.tolist() and res.info["excluded_nonfinite"] == 1
+
+
+def test_reducible_signal_is_loss_minus_reference():
+    g = torch.Generator().manual_seed(2)
+    reference = np.random.default_rng(2).random(100) * 2
+    ids = [5, 17, 99, 0]
+    losses = torch.rand(4, generator=g)
+    ctx = SignalContext(reference=reference)
+    got = signal_values("reducible", losses, None, ids, ctx)
+    assert got.dtype == torch.float64
+    assert got.tolist() == pytest.approx([float(losses[j]) - reference[i] for j, i in enumerate(ids)])
+    assert signal_values("loss", losses, None, ids, ctx) is None
+    filled, missing, mean = fill_reference(np.array([1.0, np.nan, 3.0]))
+    assert filled.tolist() == [1.0, 2.0, 3.0] and missing == 1 and mean == 2.0
+    with pytest.raises(ConfigError, match="reference_losses"):
+        SignalConfig(signal="reducible")
+
+
+def test_store_keeps_the_last_finite_measurement_and_round_trips():
+    """SampleStore against a plain dict of the last finite measurement per index."""
+    rng = np.random.default_rng(3)
+    n, k = 40, 6
+    store, last, first = SampleStore(n, k), {}, {}
+    for step in range(1, 30):
+        ids = rng.choice(n, size=7, replace=False).tolist()
+        losses = torch.from_numpy(rng.random(7).astype(np.float32) * 5)
+        sketches = torch.from_numpy(rng.standard_normal((7, k)).astype(np.float32))
+        if step % 5 == 0:
+            losses[1], sketches[2, 0] = math.nan, math.inf  # not measurements: ignored
+        store.record(ids, losses, sketches, step)
+        for j, i in enumerate(ids):
+            if math.isfinite(float(losses[j])) and torch.isfinite(sketches[j]).all():
+                last[i] = (float(losses[j]), sketches[j].clone(), step)
+                first.setdefault(i, float(losses[j]))
+    got_l, got_s = store.values(list(range(n)))
+    for i in range(n):
+        if i in last:
+            assert float(got_l[i]) == pytest.approx(last[i][0]) and store.step[i] == last[i][2]
+            torch.testing.assert_close(got_s[i], last[i][1], rtol=1e-3, atol=1e-3)  # float16 storage
+            assert float(store.first_loss[i]) == pytest.approx(first[i])
+        else:
+            assert math.isnan(float(got_l[i])) and store.step[i] == -1
+    state = json.loads(json.dumps({k: (v.tolist() if v is not None else None) for k, v in store.state_dict().items()}))
+    again = SampleStore(n, k)
+    again.load_state_dict({key: None if v is None else np.asarray(v, dtype=getattr(store, key).dtype)
+                           for key, v in state.items()})
+    for a, b in zip(store.values(range(n)), again.values(range(n))):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    assert store.nbytes == n * (2 * k + 12)
+
+
+def test_reference_losses_match_records_after_the_file_is_shuffled(tmp_path):
+    demo = make_demo_data(tmp_path / "demo", seed=0, spec=DemoSpec(n_train=120, n_eval_per_task=2))
+    examples = load_examples(demo["train"])
+    values = {record_hash(e.messages): 0.01 * i for i, e in enumerate(examples)}
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (ref / LOSSES_FILE).write_text("".join(json.dumps({"hash": h, "loss": v, "model": "clean"}) + "\n"
+                                           for h, v in values.items()))
+    (ref / "cost.json").write_text(json.dumps({"total_flops": 1e9, "total_wall_s": 2.5}))
+    lines = open(demo["train"]).read().splitlines()
+    random.Random(0).shuffle(lines)
+    shuffled = tmp_path / "shuffled.jsonl"
+    shuffled.write_text("\n".join(lines[:100]) + "\n" + json.dumps({"messages": [
+        {"role": "user", "content": "never seen"}, {"role": "assistant", "content": "x"}]}) + "\n")
+    loaded = ReferenceLosses.load(str(ref))
+    got, unmatched = loaded.for_examples(load_examples(str(shuffled)))
+    expect = [values[record_hash(e.messages)] for e in load_examples(str(shuffled))[:100]]
+    assert got[:100].tolist() == pytest.approx(expect) and math.isnan(got[100]) and unmatched == 1
+    assert loaded.flops == 1e9 and loaded.wall_s == 2.5
+    with pytest.raises(ConfigError, match="launch/reference.py"):
+        ReferenceLosses.load(str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("world,accum,micro", [(1, 1, 16), (2, 1, 8), (2, 3, 4), (4, 2, 2)])
+def test_dealing_by_length_keeps_the_samples_and_the_loss(world, accum, micro):
+    """The same samples, the same weighted mean loss (the gradient's objective) within 1e-6, less padding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(world * 10 + accum)
+    b, vocab = world * accum * micro, 50
+    lengths = [int(x) for x in torch.randint(4, 40, (b,))]
+    items = []
+    for n in lengths:
+        ids = torch.randint(0, vocab, (n,)).tolist()
+        items.append(type("Item", (), {"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:]})())
+    weights = torch.rand(b) + 0.5
+    order = deal_by_length(lengths, world, accum)
+    assert sorted(order) == list(range(b))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).double()
+
+    def objective(perm):  # what the ranks' micro-batch means add up to, as DeepSpeed averages them
+        total = torch.zeros((), dtype=torch.float64)
+        for s in range(0, b, micro):
+            chunk = perm[s:s + micro]
+            batch = collate([items[i] for i in chunk], 0, "cpu")
+            per = per_sample_nll(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                                 batch["labels"])
+            total += (per.double() * weights[chunk].double()).mean() / (world * accum)
+        return total
+
+    with torch.no_grad():
+        assert float(objective(order)) == pytest.approx(float(objective(list(range(b)))), abs=1e-6)
+    dealt = [lengths[i] for i in order]
+    assert padded_positions(dealt, micro) <= padded_positions(lengths, micro)
+    for a in range(accum):  # the ranks of one accumulation step get neighbouring groups
+        groups = [dealt[r * accum * micro + a * micro:r * accum * micro + (a + 1) * micro] for r in range(world)]
+        assert max(max(g) for g in groups) - min(min(g) for g in groups) <= max(lengths) - min(lengths)
+
+
+def test_neighbour_excess_against_brute_force():
+    rng = np.random.default_rng(5)
+    pool_s, pool_l = rng.standard_normal((200, 12)), rng.random(200) * 3
+    cand_s, cand_l = rng.standard_normal((15, 12)), rng.random(15) * 3
+    got = neighbour_excess(torch.from_numpy(cand_l), torch.from_numpy(cand_s), pool_l, pool_s, k=7)
+    for i in range(15):
+        d = np.linalg.norm(pool_s - cand_s[i], axis=1)
+        assert float(got[i]) == pytest.approx(cand_l[i] - np.median(pool_l[np.argsort(d)[:7]]))
+
+
+def test_neighbours_signal_flags_the_sample_out_of_line_with_its_look_alikes():
+    """Two clusters of recorded samples, one easy (loss ~0.2) and one hard (~2.0); a candidate in the hard
+    cluster with a hard-cluster loss is not flagged, one in the easy cluster with that loss is."""
+    rng = np.random.default_rng(0)
+    store = SampleStore(400, 8)
+    centres = np.stack([np.full(8, -3.0), np.full(8, 3.0)])
+    ids = np.arange(400)
+    cluster = ids % 2
+    sk = centres[cluster] + rng.standard_normal((400, 8)) * 0.3
+    loss = np.where(cluster == 0, 0.2, 2.0) + rng.random(400) * 0.1
+    store.record(ids, torch.from_numpy(loss.astype(np.float32)), torch.from_numpy(sk.astype(np.float32)), 1)
+    cand = [0, 1]  # 0: easy cluster, 1: hard cluster; both now show a loss of 2.0
+    losses = torch.tensor([2.0, 2.0])
+    sketches = torch.from_numpy(sk[cand].astype(np.float32))
+    sig = signal_values("neighbours", losses, sketches, cand, SignalContext(store=store, seed=0, step=3))
+    assert float(sig[0]) < -1.5 and abs(float(sig[1])) < 0.2

@@ -1,0 +1,93 @@
+"""Scoring stale: the selector sees, for every candidate, the loss last measured of it (by a scoring forward
+when it was never measured, else by the training forward that last trained it), checked against a plain
+bookkeeping of the same run on a tiny model (one process; the engine is a minimal stand-in).
+
+    python -m pytest tests/unit/test_stale.py -q
+"""
+import pytest
+import torch
+
+from optbatch_ds import step as ob_step
+from optbatch_ds.batching import collate, per_sample_nll
+from optbatch_ds.config import BatchSizes, OptBatchConfig, num_candidates
+from optbatch_ds.data import EpochSampler
+
+pytestmark = pytest.mark.unit
+
+
+class _Engine:
+    """What the step functions use of a DeepSpeed engine: module, device, forward, backward, and step(), which
+    like DeepSpeed's applies the optimizer only at the gradient-accumulation boundary."""
+
+    def __init__(self, model, accum):
+        self.module, self.device, self.accum, self.micro_steps = model, torch.device("cpu"), accum, 0
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.5)
+
+    def __call__(self, **kw):
+        return self.module(**kw)
+
+    def backward(self, loss):
+        (loss / self.accum).backward()
+
+    def step(self):
+        self.micro_steps += 1
+        if self.micro_steps % self.accum == 0:
+            self.opt.step()
+            self.opt.zero_grad()
+
+
+def _items(n, vocab, gen):
+    out = []
+    for _ in range(n):
+        k = int(torch.randint(5, 14, (1,), generator=gen))
+        ids = torch.randint(1, vocab, (k,), generator=gen).tolist()
+        out.append(type("Item", (), {"input_ids": ids, "labels": [-100] * 2 + ids[2:]})())
+    return out
+
+
+@torch.no_grad()
+def _plain_losses(model, items, ids):
+    if not ids:
+        return {}
+    batch = collate([items[i] for i in ids], 0, "cpu")
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return dict(zip(ids, per_sample_nll(out.logits, batch["labels"]).tolist()))
+
+
+@pytest.mark.parametrize("signal,refresh", [("loss", 0.0), ("progress", 0.34)])
+def test_stale_values_are_the_last_measurements(signal, refresh):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    gen = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    items = _items(30, 40, gen)
+    b, micro, accum = 6, 3, 2
+    ob = OptBatchConfig(scoring="stale", refresh=refresh, signal=signal, feature="grad_raw", sketch_dim=8, strata=2)
+    sizes = BatchSizes(num_candidates(b, ob.prune_ratio, 1), b, micro, accum, 1)
+    rt = ob_step.SelectionRuntime.build(model, ob, sizes, 0, lambda: None, 20, 0)
+    rt.attach(len(items))
+    engine, sampler, last, first = _Engine(model, accum), EpochSampler(len(items), seed=1), {}, {}
+    for step in range(1, 21):
+        cand = sampler.draw(sizes.candidates)
+        fresh = _plain_losses(model, items, [i for i in cand if i not in last])  # never measured: scored now
+        last.update(fresh)
+        for i, v in fresh.items():
+            first.setdefault(i, v)
+        choice = ob_step.choose_batch(rt, engine, items, cand, step, ob_step.new_timers())
+        assert choice.losses.tolist() == pytest.approx([last[i] for i in cand], rel=1e-5, abs=1e-6)
+        assert choice.score_tokens == sum(len(items[i].input_ids) for i in fresh)
+        selected = [cand[p] for p in choice.positions.tolist()]
+        if refresh:
+            assert choice.info["refreshed"] == round(refresh * b)
+        dealt, weights = ob_step.deal(rt, items, selected, choice.weights)
+        before = _plain_losses(model, items, dealt)  # what the training forward sees, before the update
+        trained = ob_step.train_on(rt, engine, items, *ob_step.my_share(rt, dealt, weights), step)
+        ob_step.record_training(rt, dealt, trained, step, ob_step.new_timers())
+        assert trained.losses.tolist() == pytest.approx([before[i] for i in dealt], rel=1e-5, abs=1e-6)
+        last.update(before)
+        for i, v in before.items():
+            first.setdefault(i, v)
+    assert rt.measured.sum() == len(last)
+    assert {i: float(rt.store.first_loss[i]) for i in first} == pytest.approx(first, rel=1e-5)
