@@ -44,7 +44,8 @@ def cache_root(output_dir: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(output_dir)) or ".", ".optbatch_cache")
 
 
-def _fingerprint(texts: list[str], seed: int, extra: dict) -> str:
+def fingerprint(texts: list[str], seed: int, extra: dict) -> str:
+    """16 hex digits identifying (texts, seed, extra): the cache key of a built model directory."""
     h = hashlib.sha256(json.dumps([extra, seed], sort_keys=True).encode())
     for t in texts:
         h.update(t.encode("utf-8", "replace"))
@@ -52,33 +53,17 @@ def _fingerprint(texts: list[str], seed: int, extra: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def build_default_model(texts: list[str], cache_dir: str, seed: int = 0, vocab_size: int = DEFAULT_VOCAB_SIZE,
-                        config_overrides: dict | None = None) -> str:
-    """Build (or reuse) the default model directory; returns its path. Safe to call from many ranks:
-    each builds into a private temporary folder and the first to finish renames it into place."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from optbatch_ds.data.tokenizer import train_sentencepiece_tokenizer
-
-    model_config = {**DEFAULT_MODEL_CONFIG, **(config_overrides or {})}
-    key = _fingerprint(texts, seed, {**model_config, "vocab": vocab_size})
-    target = os.path.join(cache_dir, f"default_model_{key}")
+def build_once(target: str, build) -> str:
+    """Return `target` when it already holds a model directory (config.json); else call build(tmp) on a private
+    temporary folder beside it and rename that into place. Safe when many ranks or processes race: each builds
+    its own folder and the first to finish wins (the others' are identical and removed)."""
     if os.path.exists(os.path.join(target, "config.json")):
         return target
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".build_{socket.gethostname()}_{os.getpid()}_", dir=cache_dir)
+    parent = os.path.dirname(target) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".build_{socket.gethostname()}_{os.getpid()}_", dir=parent)
     try:
-        tokenizer = train_sentencepiece_tokenizer(texts, tmp, vocab_size=vocab_size)
-        config = LlamaConfig(
-            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, **model_config)
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.bos_token_id = tokenizer.bos_token_id
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        build(tmp)
         try:
             os.rename(tmp, target)
         except OSError:  # another rank (or node) won the race: theirs is identical
@@ -86,6 +71,42 @@ def build_default_model(texts: list[str], cache_dir: str, seed: int = 0, vocab_s
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def new_default_model(texts: list[str], out_dir: str, seed: int = 0, vocab_size: int = DEFAULT_VOCAB_SIZE,
+                      model_config: dict | None = None):
+    """(model, tokenizer): a SentencePiece tokenizer trained on `texts` (saved to out_dir, with the built-in chat
+    template and role tokens) and a freshly initialised LlamaForCausalLM (seeded; DEFAULT_MODEL_CONFIG unless
+    model_config is given) sized to it. The model is not saved."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from optbatch_ds.data.tokenizer import train_sentencepiece_tokenizer
+
+    tokenizer = train_sentencepiece_tokenizer(texts, out_dir, vocab_size=vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **(model_config or DEFAULT_MODEL_CONFIG))
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model, tokenizer
+
+
+def build_default_model(texts: list[str], cache_dir: str, seed: int = 0, vocab_size: int = DEFAULT_VOCAB_SIZE,
+                        config_overrides: dict | None = None) -> str:
+    """Build (or reuse) the default model directory; returns its path. Safe to call from many ranks:
+    each builds into a private temporary folder and the first to finish renames it into place."""
+    model_config = {**DEFAULT_MODEL_CONFIG, **(config_overrides or {})}
+    key = fingerprint(texts, seed, {**model_config, "vocab": vocab_size})
+
+    def build(tmp: str) -> None:
+        model, tokenizer = new_default_model(texts, tmp, seed, vocab_size, model_config)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return build_once(os.path.join(cache_dir, f"default_model_{key}"), build)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

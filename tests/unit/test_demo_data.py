@@ -27,7 +27,7 @@ def read(path):
 def test_deterministic_for_a_seed(demo, tmp_path):
     again = make_demo_data(tmp_path / "a", seed=0)
     other = make_demo_data(tmp_path / "b", seed=1)
-    for name in ("train", "eval", "train_clean"):
+    for name in ("train", "eval", "train_clean", "reference", "pretrain"):
         with open(demo[name], "rb") as f, open(again[name], "rb") as g, open(other[name], "rb") as h:
             mine = f.read()
             assert mine == g.read() and mine != h.read()
@@ -57,29 +57,33 @@ def test_defect_rates_and_task_mix(demo):
     assert all(set(c) == set(defects) for c in stats["by_task_defect"].values())
 
 
+def _zorbish_of(english):
+    """The Zorbish translation of an English demo sentence, recomputed from the dictionary and the grammar."""
+    words = [w for w in english.split() if w != "the"]
+    out, i = [], 0
+    groups = []
+    while i < len(words):  # [adj] noun groups and the verb
+        if words[i] in EN_ADJS:
+            groups.append([ZORBISH[words[i + 1]], ZORBISH[words[i]]])
+            i += 2
+        elif words[i] in EN_NOUNS:
+            groups.append([ZORBISH[words[i]]])
+            i += 1
+        else:
+            verb = ZORBISH[words[i]]
+            i += 1
+    for g in groups:
+        out += g
+    return " ".join(out + [verb])
+
+
 def _correct_answer(record):
     """The answer the prompt determines (recomputed from the text)."""
     msgs = record["messages"]
     user = " ".join(m["content"] for m in msgs if m["role"] == "user")
     ans = msgs[-1]["content"]
     if record["task"] == "translation":
-        en = msgs[-1 - 1]["content"].split(": ", 1)[1].split()
-        words = [w for w in en if w != "the"]
-        out, i = [], 0
-        groups = []
-        while i < len(words):  # [adj] noun groups and the verb
-            if words[i] in EN_ADJS:
-                groups.append([ZORBISH[words[i + 1]], ZORBISH[words[i]]])
-                i += 2
-            elif words[i] in EN_NOUNS:
-                groups.append([ZORBISH[words[i]]])
-                i += 1
-            else:
-                verb = ZORBISH[words[i]]
-                i += 1
-        for g in groups:
-            out += g
-        return " ".join(out + [verb])
+        return _zorbish_of(msgs[-1 - 1]["content"].split(": ", 1)[1])
     return ans if re.sub(r"[.?]", "", ans).split()[-1] in user else None
 
 
@@ -132,3 +136,75 @@ def test_sizes_rates_and_mix_are_parameters(tmp_path):
         DemoSpec(task_mix={"chat": 1})
     with pytest.raises(ValueError, match="defect rates"):
         DemoSpec(duplicate_rate=0.5, misaligned_rate=0.5)
+    with pytest.raises(ValueError, match="n_pretrain_docs"):
+        DemoSpec(n_pretrain_docs=0)
+
+
+def _translation_sentence(record):
+    return record["messages"][0]["content"].split(": ", 1)[1]
+
+
+def test_reference_split_is_clean_and_disjoint_from_train_and_eval(demo):
+    ref = read(demo["reference"])
+    assert [r["id"] for r in ref] == [f"reference-{i:05d}" for i in range(300)]
+    assert Counter(r["task"] for r in ref) == {"dialogue": 100, "qa": 100, "translation": 100}
+    assert all(r["defect"] == "none" and _correct_answer(r) == r["messages"][-1]["content"] for r in ref)
+    assert demo["stats"]["reference"]["by_task"] == {"dialogue": 100, "qa": 100, "translation": 100}
+    prompts = {json.dumps(r["messages"][:-1]) for r in ref}
+    assert len(prompts) == len(ref)
+    for split in ("train", "eval"):
+        others = read(demo[split])
+        assert not prompts & {json.dumps(r["messages"][:-1]) for r in others}, split
+        sentences = {_translation_sentence(r) for r in others if r["task"] == "translation"}
+        assert not any(_translation_sentence(r) in sentences for r in ref if r["task"] == "translation"), split
+    assert len(load_examples(demo["reference"])) == 300
+
+
+def _corpus(demo):
+    return read(demo["pretrain"])
+
+
+def test_corpus_never_contains_an_instruction_record(demo):
+    text = "\n".join(d["text"] for d in _corpus(demo))
+    assert "<|" not in text and "Translate" not in text and "Context:" not in text
+    records = read(demo["train"]) + read(demo["eval"]) + read(demo["reference"])
+    # Every turn of two words or more; not the cut answers of truncated records (a Zorbish noun phrase can be one).
+    contents = {m["content"] for r in records for m in r["messages"][: -1 if r["defect"] == "truncated" else None]
+                if len(m["content"].split()) >= 2}
+    assert len(contents) > 3000 and not [c for c in contents if c in text][:5]
+    sentences = {_translation_sentence(r) for r in records if r["task"] == "translation"}
+    assert len(sentences) > 500 and not [s for s in sentences if s in text][:5]
+
+
+def test_corpus_states_the_dictionary_and_grammar_correctly(demo):
+    docs = _corpus(demo)
+    text = "\n".join(d["text"] for d in docs)
+    words = set(re.findall(r"[A-Za-z]+", text.lower()))
+    assert set(ZORBISH) <= words and set(ZORBISH.values()) <= words  # every word of the dictionary, both sides
+    entries = re.findall(r"The Zorbish word for (\w+) is (\w+)\.", text)
+    assert len(entries) > 50 and all(ZORBISH[en] == z for en, z in entries)
+    pairs = re.findall(r"In Zorbish, (the [a-z ]+?) is ([a-z ]+)\.", text)
+    sentences = [(en, z) for en, z in pairs if len(en.split()) >= 3]
+    assert len(sentences) > 50 and all(_zorbish_of(en) == z for en, z in sentences)
+    stats = demo["stats"]["pretrain"]
+    assert stats["n_docs"] == len(docs) == 4000
+    assert stats["by_kind"] == {"conversation": 1000, "dictionary": 800, "grammar": 400, "sentences": 800,
+                                "story": 1000}
+    assert all(d["text"].strip() and d["id"] == f"doc-{i:05d}" for i, d in enumerate(docs))
+
+
+_STORY_ANSWER = re.compile(r"(?:the answer is|would say|gives the answer|The answer is) (\w+)\.")
+_ASSISTANT_REPLY = re.compile(r"The assistant (?:answers|replies|reminds \w+) that (.+?)\.")
+_QUIZ_ANSWER = re.compile(r"\? (\w+)(?=\n|$)")
+
+
+def test_corpus_answers_with_the_facts_it_states(demo):
+    """Stories and conversations answer each question with a fact stated before it (the skill the records need)."""
+    n = 0
+    for doc in _corpus(demo):
+        patterns = {"story": (_STORY_ANSWER, _QUIZ_ANSWER), "conversation": (_ASSISTANT_REPLY,)}
+        for m in (m for p in patterns.get(doc["kind"], ()) for m in p.finditer(doc["text"])):
+            value = m.group(1).split()[-1]
+            assert re.search(rf"\b{value}\b", doc["text"][: m.start()]), doc
+            n += 1
+    assert n > 2000 and sum("\n" in d["text"] for d in _corpus(demo) if d["kind"] == "story") > 300
