@@ -46,7 +46,10 @@ from optbatch_ds.modeling import MODEL_SIZES, build_default_model, cache_root
 from optbatch_ds.scoring.forward import Scorer
 from optbatch_ds.signals import COST_FILE, LOSSES_FILE
 
-DEFAULT_EPOCHS = 10.0  # reference sets are small: several passes are needed to learn from them
+# Reference sets are small: many passes are needed to learn from them. On the demo's 900 clean records a tiny
+# model after 10 epochs still ranks wrong answers above right ones for ~1 pair in 5, after 20 for ~1 in 12
+# (BENCHMARKS.md, reference models).
+DEFAULT_EPOCHS = 20.0
 _SHARED = ("deepspeed", "data", "data_format", "model", "max_seq_len", "seed", "learning_rate", "trust_remote_code",
            "collective_timeout")
 

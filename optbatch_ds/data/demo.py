@@ -17,7 +17,7 @@ Files written to out_dir (messages format, one JSON object per line, with "id", 
   train.jsonl        n_train records with defects, skewed task mix
   train_clean.jsonl  the train records with defect == "none" (same order)
   eval.jsonl         n_eval_per_task clean records per task; no eval prompt appears in train
-  reference.jsonl    n_reference_per_task clean records per task, prompts disjoint from train and eval: to train
+  reference.jsonl    n_reference_per_task (300) clean records per task, prompts disjoint from train and eval: to train
                      a small reference model on (RHO-LOSS), never to evaluate on
   pretrain.jsonl     n_pretrain_docs documents {"id", "kind", "text"} that state the dictionary, the grammar and
                      the reading skills in prose, never a record (demo_corpus.py): the pretraining corpus of the
@@ -117,13 +117,16 @@ def _generate(task: str, rng: random.Random, system_rate: float) -> tuple[list[d
 
 @dataclass(frozen=True)
 class DemoSpec(SplitSpec):
-    """Sizes, task mix and defect rates of the demo set (SplitSpec: 3000 train records, 100 eval and 100 reference
-    records per task, 12% duplicates, 12% misaligned, 6% truncated), the share of dialogues with a system message
-    and the number of documents of the pretraining corpus."""
+    """Sizes, task mix and defect rates of the demo set (SplitSpec: 3000 train records, 100 eval records per task,
+    12% duplicates, 12% misaligned, 6% truncated; here 300 reference records per task), the share of dialogues with
+    a system message and the number of documents of the pretraining corpus."""
 
     tasks: ClassVar[tuple[str, ...]] = TASKS
     default_mix: ClassVar[dict[str, float]] = DEFAULT_TASK_MIX
 
+    # 300 per task: a reference model trained on 100 per task tells a wrong answer from a right one barely better
+    # than chance; on 300 per task it separates them well (BENCHMARKS.md, reference models)
+    n_reference_per_task: int = 300
     system_rate: float = 0.4
     n_pretrain_docs: int = 4000
 
