@@ -3,6 +3,8 @@
 Run as:
     python launch/bench_epoch.py                                  # CPU: default model, demo data, 2 ranks
     python launch/bench_epoch.py --ratios 0.3 0.5 0.7 --epochs 1 --out bench_out/epoch
+    python launch/bench_epoch.py --ratios 0.3 --max-steps 150 --trace-warnings \
+        --methods optbatch:preset=paper optbatch:preset=paper,scoring=stale    # the ZeRO-3 trace-cache finding
     python launch/bench_epoch.py --gpu --nproc 1 --model-size gpu  # GPU variant: bigger Llama, bf16
 
 Each configuration is one real run (`deepspeed launch/train.py ...`); the epoch time is the sum of the

@@ -35,10 +35,14 @@ DEFAULT_LR_PRETRAINED = 2e-5
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages")
 # Named settings of the "optbatch" section; keys given next to "preset" override the preset's.
 PRESETS = {
-    "default": {},  # the package's defaults: what BENCHMARKS.md shows is best
+    # the package's defaults (the declarations): the best setting without a reference model (BENCHMARKS.md)
+    "default": {},
+    # with launch/reference.py's reference losses, the best setting of all: plain top-k by reducible loss
+    "reference": dict(signal="reducible", strata=1, within="top", scoring="stale"),
+    # OptBatch as published
     "paper": dict(method="optbatch", signal="loss", scoring="fresh", prior="fresh", refresh=0.0, strata=3,
-                  temperature=1.0, temperature_end=None, quotas="exp_loss", within="farthest", distance="euclidean",
-                  feature="grad_curvature", reweight="none", outlier_fence=0.0),  # OptBatch as published
+                  strata_by="signal", temperature=1.0, temperature_end=None, quotas="exp_loss", within="farthest",
+                  distance="euclidean", feature="grad_curvature", reweight="none", outlier_fence=0.0),
 }
 
 
@@ -50,16 +54,16 @@ class OptBatchConfig(SignalConfig, ScoringConfig, SelectionConfig):
 
     prune_ratio: float = option(0.3, "alpha: fraction of each candidate pool not trained on, in [0, 1); c = "
                                 "ceil(b / (1 - alpha)) candidates per step, b = train_batch_size.")
-    preset: str = option("default", "Named settings the other keys start from: default (the package's) or paper "
-                         "(OptBatch as published: loss signal, fresh scoring, 3 strata, exp(loss) quotas, farthest-"
-                         "point). Keys given beside it override it.", choices=tuple(PRESETS))
+    preset: str = option("default", "Named settings the other keys start from: default (the package's: signal "
+                         "neighbours, stale scoring, strata on loss, top within), reference (the default when "
+                         "reference_losses is given: top-k by reducible loss), paper (OptBatch as published: loss "
+                         "signal, fresh scoring, exp(loss) quotas, farthest-point). Keys beside it override it.",
+                         choices=tuple(PRESETS))
 
     def __post_init__(self):
         SelectionConfig.__post_init__(self)
         ScoringConfig.__post_init__(self)
         SignalConfig.__post_init__(self)
-        if self.prior == "reference" and not self.reference_losses:
-            raise bad("prior", "'reference' needs reference_losses (launch/reference.py's output folder)")
         ratio = as_float(self.prune_ratio, "prune_ratio", allow_inf=False)
         if not 0.0 <= ratio < 1.0:
             raise bad("prune_ratio", f"{self.prune_ratio} is outside [0, 1); 0.3 trains on 70% of each pool")
@@ -71,14 +75,19 @@ class OptBatchConfig(SignalConfig, ScoringConfig, SelectionConfig):
 
     @classmethod
     def from_dict(cls, section: dict) -> "OptBatchConfig":
-        """The JSON section as written; unknown keys are a ConfigError naming the nearest known one."""
+        """The JSON section as written; unknown keys are a ConfigError naming the nearest known one.
+
+        Keys starting with "_" are notes for people ("_comment"), as in the rest of the DeepSpeed JSON.
+        """
         if not isinstance(section, dict):
             raise ConfigError(f'the "optbatch" section must be a JSON object, got {type(section).__name__}')
+        section = {k: v for k, v in section.items() if not (isinstance(k, str) and k.startswith("_"))}
         valid = [f.name for f in fields(cls)]
         for key in section:
             if key not in valid:
                 raise ConfigError(f'"optbatch" has an unknown key \'{key}\'{nearest_name(key, valid)}')
-        preset = section.get("preset", "default")
+        # reference losses given and no preset named: use them the way that works best
+        preset = section.get("preset", "reference" if section.get("reference_losses") else "default")
         if preset not in PRESETS:
             raise ConfigError(f'"optbatch".preset: \'{preset}\' is not one of {", ".join(PRESETS)}'
                               f"{nearest_name(preset, PRESETS)}")

@@ -48,7 +48,7 @@ LOSSES_FILE, COST_FILE = "reference_losses.jsonl", "cost.json"  # what launch/re
 class SignalConfig:
     """The signal keys of the "optbatch" section."""
 
-    signal: str = option("loss", "What strata, quotas and the within-stratum choice rank candidates by: loss (the "
+    signal: str = option("neighbours", "What strata, quotas and the within-stratum choice rank candidates by: loss (the "
                          "paper's); reducible (loss minus the reference loss of launch/reference.py: learnable, not "
                          "wrong); neighbours (reference-free: minus the excess of the loss over that of the nearest "
                          "samples in sketch space); progress (1 - loss / first loss).", choices=SIGNALS)

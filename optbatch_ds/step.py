@@ -171,15 +171,16 @@ def _fresh_scores(rt: SelectionRuntime, engine, dataset, cand: list, step: int, 
 
 def _stale_scores(rt: SelectionRuntime, engine, dataset, cand: list, step: int, timers: dict) -> Scores:
     """Scoring stale: recorded values; the candidates never measured are scored now (all ranks know which), or
-    with prior "reference" get the mean measured loss (no forward)."""
+    with prior "mean" get the mean loss measured so far (before any: the mean reference loss, else 0; no forward)."""
     need = [i for i in cand if not rt.measured[i]]
     tokens, curvature = 0, False
-    if need and rt.optbatch.prior == "reference":
+    if need and rt.optbatch.prior == "mean":
         if rt.rank == 0:
             losses, sketches = rt.store.values(cand)
             unmeasured = torch.isnan(losses)
             measured = rt.store.loss[~np.isnan(rt.store.loss)]
-            prior = float(measured.mean()) if measured.size else float(rt.reference[cand].mean())
+            prior = (float(measured.mean()) if measured.size else
+                     float(rt.reference[cand].mean()) if rt.reference is not None else 0.0)
             losses[unmeasured] = prior
             return Scores(losses, sketches if rt.scorer.with_features else None, 0, False)
         return Scores(None, None, 0, False)

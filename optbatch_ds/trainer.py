@@ -102,7 +102,7 @@ class Recipe:
         rt = ob_step.SelectionRuntime.build(engine.module, rs.optbatch, rs.sizes, prep.tokenizer.pad_token_id,
                                             lambda: curvature_inv_sqrt(engine, eps), total_steps, rank)
         rt.attach(len(prep.encoded), reference)
-        rt.group_by_length = run.group_by_length
+        rt.group_by_length = rt.scorer.by_length = run.group_by_length
         recipe = cls(run, rank, out, prep, rs, engine, n_params, rt, EpochSampler(len(prep.pool), seed=run.seed),
                      log, total_steps, keep_alive)
         if ref_summary:  # the reference models' cost counts from step 0: FLOPs and time to quality include it

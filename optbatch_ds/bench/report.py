@@ -261,27 +261,30 @@ def plateau_note(curve: list[dict]) -> str | None:
             f"({last['epoch']:.2f} epochs).")
 
 
-def markdown(summary: list[dict], rows: list[dict], tasks: list[str], args, meta: dict) -> str:
-    lines = ["# OptBatch benchmark", "",
-             f"Command: `{meta['command']}`  ",
-             f"Machine: {meta['machine']}  ",
-             f"Data: {args.data or 'demo set'} (held-out: {args.eval_data or 'demo eval split'}); model: "
-             f"{args.model or 'built-in small Llama'}; budget: "
-             + (f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.epochs:g} epochs")
-             + f"; {args.nproc} rank(s); {meta['finished']}.", "",
-             "Mean ± std over seeds (std only with 2+ seeds). EM, BLEU-4 and ROUGE-L are in percent, their "
-             "unlabelled columns are the mean over tasks. FLOPs are the trainer's estimate (6·N per trained token "
-             "+ 2·N per scored token); wall s is the training steps' own time (start-up and evaluations "
-             "excluded); ×full is the mean relative to full-data training. \"FLOPs saved at equal loss\" compares a "
-             "method's FLOPs with what full-data training needed to first reach the same mean held-out loss (linear "
-             "interpolation on its evaluation curve; negative: the method spent more). \"defective trained\" is the share of trained "
-             "samples whose answer is labelled wrong (misaligned or truncated: 18% of the demo records; duplicates are "
-             "right answers seen twice and do not count; demo data only).", "",
-             "## Quality and compute", ""]
+def _md_header(args, meta: dict) -> list[str]:
+    return ["# OptBatch benchmark", "",
+            f"Command: `{meta['command']}`  ",
+            f"Machine: {meta['machine']}  ",
+            f"Data: {args.data or 'demo set'} (held-out: {args.eval_data or 'demo eval split'}); model: "
+            f"{args.model or 'built-in small Llama'}; budget: "
+            + (f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.epochs:g} epochs")
+            + f"; {args.nproc} rank(s); {meta['finished']}.", "",
+            "Mean ± std over seeds (std only with 2+ seeds). EM, BLEU-4 and ROUGE-L are in percent, their "
+            "unlabelled columns are the mean over tasks. FLOPs are the trainer's estimate (6·N per trained token "
+            "+ 2·N per scored token, plus the reference models' own FLOPs where a run uses reference losses); wall s "
+            "is the training steps' own time plus the reference models' training and scoring time (start-up and "
+            "evaluations excluded); ×full is the mean relative to full-data training. \"FLOPs saved at equal loss\" "
+            "compares a method's FLOPs with what full-data training needed to first reach the same mean held-out loss "
+            "(linear interpolation on its evaluation curve; negative: the method spent more). \"defective trained\" is "
+            "the share of trained samples whose answer is labelled wrong (misaligned or truncated: 18% of the demo "
+            "records; duplicates are right answers seen twice and do not count; labelled data only).", ""]
+
+
+def _md_quality(summary: list[dict], tasks: list[str]) -> list[str]:
     head = (["method", "α", "ok", "held-out loss", "EM"] + [f"EM {t}" for t in tasks]
             + ["BLEU-4", "ROUGE-L", "defective trained", "samples trained", "FLOPs", "FLOPs ×full", "wall s",
                "wall ×full", "FLOPs saved at equal loss"])
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = ["## Quality and compute", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         cells = [s["label"], f"{s['prune_ratio']:.2f}", f"{s['ok']}/{s['runs']}",
                  _cell(s["heldout_loss"], s["heldout_loss_std"], "{:.4f}"),
@@ -293,22 +296,32 @@ def markdown(summary: list[dict], rows: list[dict], tasks: list[str], args, meta
                   _cell(s["flops_vs_full"], fmt="{:.2f}"), _cell(s["wall_s"], s["wall_s_std"], "{:.1f}"),
                   _cell(s["wall_s_vs_full"], fmt="{:.2f}"), _saved_cell(s)]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _md_paired(rows: list[dict]) -> list[str]:
     paired = paired_differences(rows)
-    if paired:
-        lines += ["", "## Paired by seed: held-out loss difference (negative = lower loss than the reference)", "",
-                  "A seed fixes the model initialisation and the data order for every method, so the per-seed "
-                  "difference removes the part of the spread that all methods share. Mean ± std over the seeds "
-                  "both runs have; n = number of such seeds.", "",
-                  "| method | α | − full | seeds below full | FLOPs / full | wall / full | − random (same α) | n |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for p in paired:
-            lines.append(f"| {p['label']} | {p['prune_ratio']:.2f} | {_signed(p['vs_full'], p['vs_full_std'])} | "
-                         f"{p['wins']}/{p['n_full']} | {_cell(p['flops_ratio'], p['flops_ratio_std'], '{:.3f}')} | "
-                         f"{_cell(p['wall_ratio'], p['wall_ratio_std'], '{:.3f}')} | "
-                         f"{_signed(p['vs_random'], p['vs_random_std'])} | {p['n_random']} |")
-    lines += ["", "## Per task: held-out loss, and each task's share of the trained samples", "",
-              "Every sample is scored once per epoch, so the candidates' task mix is the dataset's (full-data "
-              "training's row); a share that moves away from it is the selection's doing.", ""]
+    if not paired:
+        return []
+    lines = ["", "## Paired by seed: held-out loss difference (negative = lower loss than the reference)", "",
+             "A seed fixes the model initialisation and the data order for every method, so the per-seed "
+             "difference removes the part of the spread that all methods share. Mean ± std over the seeds "
+             "both runs have; n = number of such seeds; FLOPs and wall time as ratios to full-data training's of "
+             "the same seed.", "",
+             "| method | α | − full | seeds below full | FLOPs / full | wall / full | − random (same α) | n |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in paired:
+        lines.append(f"| {p['label']} | {p['prune_ratio']:.2f} | {_signed(p['vs_full'], p['vs_full_std'])} | "
+                     f"{p['wins']}/{p['n_full']} | {_cell(p['flops_ratio'], p['flops_ratio_std'], '{:.3f}')} | "
+                     f"{_cell(p['wall_ratio'], p['wall_ratio_std'], '{:.3f}')} | "
+                     f"{_signed(p['vs_random'], p['vs_random_std'])} | {p['n_random']} |")
+    return lines
+
+
+def _md_tasks_and_time(summary: list[dict], tasks: list[str]) -> list[str]:
+    lines = ["", "## Per task: held-out loss, and each task's share of the trained samples", "",
+             "Every sample is a candidate once per epoch, so the candidates' task mix is the dataset's (full-data "
+             "training's row); a share that moves away from it is the selection's doing.", ""]
     head = ["method", "α"] + [f"loss {t}" for t in tasks] + [f"share {t}" for t in tasks]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
@@ -322,6 +335,11 @@ def markdown(summary: list[dict], rows: list[dict], tasks: list[str], args, meta
     for s in summary:
         lines.append(f"| {s['label']} | {s['prune_ratio']:.2f} | "
                      + " | ".join(_cell(s[f"time_{k}"], fmt="{:.2f}") for k in parts) + f" | {_cell(s['wall_s'], fmt='{:.2f}')} |")
+    return lines
+
+
+def _md_curve_and_failures(rows: list[dict]) -> list[str]:
+    lines = []
     curve = full_curve(rows)
     if curve:
         lines += ["", "## Full-data training on the held-out split (the epoch budget)", "",
@@ -334,6 +352,13 @@ def markdown(summary: list[dict], rows: list[dict], tasks: list[str], args, meta
     failed = [r for r in rows if r["status"] not in ("ok", "not run")]
     lines += ["", "## Failed runs", ""]
     lines += [f"- {r['run']}: {r['status']} (see {os.path.join(r['run_dir'], 'failure.txt')})" for r in failed] or ["none"]
+    return lines
+
+
+def markdown(summary: list[dict], rows: list[dict], tasks: list[str], args, meta: dict) -> str:
+    """results.md: the quality and cost table, the paired differences, per task, time, the full-data curve."""
+    lines = (_md_header(args, meta) + _md_quality(summary, tasks) + _md_paired(rows)
+             + _md_tasks_and_time(summary, tasks) + _md_curve_and_failures(rows))
     lines += ["", "## Plots", "", "![quality vs prune ratio](quality_vs_ratio.png)", "",
               "![quality vs compute](quality_vs_time.png)", "", "![held-out curve](heldout_vs_epoch.png)", ""]
     return "\n".join(lines)
@@ -365,21 +390,12 @@ def _group_histories(rows: list[dict]) -> dict[tuple, list[dict]]:
                 for _, hs in sorted(by_step.items())] for g, by_step in out.items()}
 
 
-def plot(out_dir: str, summary: list[dict], rows: list[dict], epochs_budget: float | None) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = list(dict.fromkeys(s["label"] for s in summary))
-    colors = {l: plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")(i % 20) for i, l in enumerate(labels)}
-    paths = []
-
-    # 1. quality against prune ratio, error bars = std over seeds
+def _plot_vs_ratio(plt, summary: list[dict], colors: dict, path: str) -> None:
+    """Quality against prune ratio, error bars = std over seeds; full-data training as a band."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, title in ((axes[0], "heldout_loss", "held-out loss (lower is better)"),
                            (axes[1], "em_mean", "exact match, mean over tasks (%)")):
-        for label in labels:
+        for label, color in colors.items():
             pts = sorted((s["prune_ratio"], s[key], s[key + "_std"]) for s in summary
                          if s["label"] == label and s[key] == s[key])
             if not pts:
@@ -387,9 +403,9 @@ def plot(out_dir: str, summary: list[dict], rows: list[dict], epochs_budget: flo
             x, y, e = zip(*pts)
             e = [0.0 if v != v else v for v in e]
             if label == "full":
-                ax.axhline(y[0], color=colors[label], ls="--", lw=1, label="full (α = 0)")
-                ax.axhspan(y[0] - e[0], y[0] + e[0], color=colors[label], alpha=0.12)
-            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=colors[label], label=None if label == "full" else label,
+                ax.axhline(y[0], color=color, ls="--", lw=1, label="full (α = 0)")
+                ax.axhspan(y[0] - e[0], y[0] + e[0], color=color, alpha=0.12)
+            ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=color, label=None if label == "full" else label,
                         ls="-" if len(x) > 1 else "none")
         xs = [s["prune_ratio"] for s in summary] or [0.0]
         ax.set_xlim(-0.03, max(xs) + 0.05)
@@ -399,14 +415,12 @@ def plot(out_dir: str, summary: list[dict], rows: list[dict], epochs_budget: flo
     if any(ax.get_legend_handles_labels()[0] for ax in axes):
         axes[1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "quality_vs_ratio.png"))
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
-    # 2. quality against compute: time to quality (wall) and FLOPs to quality
-    hist = _group_histories(rows)
-    ratios = sorted({g[1] for g in hist})
-    styles = {r: st for r, st in zip(ratios, ["-", "--", "-.", ":"] * 8)}
+
+def _plot_vs_compute(plt, hist: dict, colors: dict, styles: dict, path: str) -> None:
+    """Quality against compute: time to quality (wall, reference models included) and FLOPs to quality."""
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     for (label, ratio), pts in sorted(hist.items()):
         for ax, xk, yk in ((axes[0, 0], "wall_s", "loss"), (axes[0, 1], "wall_s", "em_mean"),
@@ -423,11 +437,12 @@ def plot(out_dir: str, summary: list[dict], rows: list[dict], epochs_budget: flo
         axes[0, 1].legend(fontsize=6, loc="best", ncol=2)
     fig.suptitle("quality at equal compute (mean over seeds at each evaluation)")
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "quality_vs_time.png"))
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
-    # 3. held-out curves against epochs: where full-data training stops improving
+
+def _plot_vs_epoch(plt, hist: dict, colors: dict, styles: dict, epochs_budget: float | None, path: str) -> None:
+    """Held-out curves against epochs: where full-data training stops improving."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for (label, ratio), pts in sorted(hist.items()):
         full = label == "full"
@@ -444,9 +459,26 @@ def plot(out_dir: str, summary: list[dict], rows: list[dict], epochs_budget: flo
     if hist:
         axes[1].legend(fontsize=6, loc="best", ncol=2)
     fig.tight_layout()
-    paths.append(os.path.join(out_dir, "heldout_vs_epoch.png"))
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot(out_dir: str, summary: list[dict], rows: list[dict], epochs_budget: float | None) -> list[str]:
+    """quality_vs_ratio.png, quality_vs_time.png and heldout_vs_epoch.png in out_dir; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(s["label"] for s in summary))
+    colors = {l: plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")(i % 20) for i, l in enumerate(labels)}
+    hist = _group_histories(rows)
+    styles = {r: st for r, st in zip(sorted({g[1] for g in hist}), ["-", "--", "-.", ":"] * 8)}
+    paths = [os.path.join(out_dir, name) for name in ("quality_vs_ratio.png", "quality_vs_time.png",
+                                                      "heldout_vs_epoch.png")]
+    _plot_vs_ratio(plt, summary, colors, paths[0])
+    _plot_vs_compute(plt, hist, colors, styles, paths[1])
+    _plot_vs_epoch(plt, hist, colors, styles, epochs_budget, paths[2])
     return paths
 
 

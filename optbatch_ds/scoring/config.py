@@ -7,7 +7,7 @@ from optbatch_ds.options import as_float, as_int, bad, check_choices, option
 
 FEATURES = ("grad_curvature", "grad_raw", "hidden")
 SCORINGS = ("fresh", "stale")
-PRIORS = ("fresh", "reference")
+PRIORS = ("fresh", "mean")
 
 
 @dataclass(frozen=True)
@@ -23,15 +23,16 @@ class ScoringConfig:
     vocab_chunk: int = option(4096, "Vocabulary rows per chunk in the feature computation (bounds memory).")
     score_batch_size: int = option(0, "Samples per scoring forward; 0 = 2 x train_micro_batch_size_per_gpu (no "
                                    "activations are kept for backward, so twice the micro batch fits).")
-    scoring: str = option("fresh", "fresh: a scoring forward over every candidate each step (the paper's); stale: the "
+    scoring: str = option("stale", "fresh: a scoring forward over every candidate each step (the paper's); stale: the "
                           "loss and sketch recorded when a sample was last trained (computed inside the training "
                           "forward, no second forward) or last scored; a sample never measured is scored fresh.",
                           choices=SCORINGS)
     refresh: float = option(0.0, "With scoring stale: this fraction of each step's budget is drawn uniformly from the "
                             "candidates the selector did not keep, so pruned samples get re-measured.")
     prior: str = option("fresh", "With scoring stale, what a candidate never measured gets: fresh (a scoring forward) "
-                        "or reference (no forward: the mean measured loss, so signal reducible ranks such candidates "
-                        "by their reference loss alone; needs reference_losses).", choices=PRIORS)
+                        "or mean (no forward: the mean loss measured so far and no sketch, so signal reducible ranks "
+                        "such candidates by their reference loss alone, and the others treat them alike).",
+                        choices=PRIORS)
 
     def __post_init__(self):
         check_choices(self, ScoringConfig)

@@ -144,6 +144,21 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_chunk: int
     return _losses(logits, rows, lse, dtype)[0]
 
 
+def _check_feature_inputs(hidden, logits, labels, inv_sqrt_v, projection):
+    """Shape checks of `output_layer_features` (ValueError naming the argument); the projection to use (None for
+    sketch_dim 0)."""
+    _check_inputs(logits, labels, hidden)
+    vocab, width = logits.shape[-1], hidden.shape[-1]
+    if inv_sqrt_v is not None and tuple(inv_sqrt_v.shape) != (vocab, width):
+        raise ValueError(f"inv_sqrt_v must be (vocab, hidden) = ({vocab}, {width}) like lm_head.weight, "
+                         f"got {tuple(inv_sqrt_v.shape)}")
+    if projection is not None and projection.sketch_dim == 0:
+        return None
+    if projection is not None and projection.in_dim != vocab:
+        raise ValueError(f"projection maps {projection.in_dim} inputs but the vocab has {vocab} entries")
+    return projection
+
+
 @torch.no_grad()
 def output_layer_features(
     hidden: torch.Tensor,
@@ -161,16 +176,9 @@ def output_layer_features(
     Only supervised positions are computed (prompt tokens and padding are skipped).
     Peak extra memory: see the module docstring and `peak_feature_memory_bytes`.
     """
-    _check_inputs(logits, labels, hidden)
+    projection = _check_feature_inputs(hidden, logits, labels, inv_sqrt_v, projection)
     batch, _, vocab = logits.shape
     width = hidden.shape[-1]
-    if inv_sqrt_v is not None and tuple(inv_sqrt_v.shape) != (vocab, width):
-        raise ValueError(f"inv_sqrt_v must be (vocab, hidden) = ({vocab}, {width}) like lm_head.weight, "
-                         f"got {tuple(inv_sqrt_v.shape)}")
-    if projection is not None and projection.sketch_dim == 0:
-        projection = None
-    if projection is not None and projection.in_dim != vocab:
-        raise ValueError(f"projection maps {projection.in_dim} inputs but the vocab has {vocab} entries")
     dtype = _compute_dtype(hidden, logits, inv_sqrt_v)
     chunk = max(1, int(vocab_chunk))
     device = logits.device

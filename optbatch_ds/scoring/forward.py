@@ -54,6 +54,7 @@ class Scorer:
     projection: features.SketchProjection | None
     batch_size: int
     pad_id: int
+    by_length: bool = False   # score in batches of similar length (less padding); results keep the given order
 
     @classmethod
     def build(cls, module, optbatch, pad_id: int, micro_batch_size: int) -> "Scorer":
@@ -77,9 +78,11 @@ class Scorer:
         model.eval()
         capture = LmHeadInput(model)
         losses, feats, tokens = [], [], 0
+        order = (sorted(range(len(items)), key=lambda i: -len(items[i].input_ids)) if self.by_length
+                 else list(range(len(items))))
         try:
             for s in range(0, len(items), self.batch_size):
-                batch = batching.collate(items[s:s + self.batch_size], self.pad_id, engine.device)
+                batch = batching.collate([items[i] for i in order[s:s + self.batch_size]], self.pad_id, engine.device)
                 tokens += int(batch["attention_mask"].sum())
                 t0 = time.perf_counter()
                 out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
@@ -94,7 +97,9 @@ class Scorer:
             capture.remove()
             if was_training:
                 model.train()
-        return torch.cat(losses), (torch.cat(feats) if feats else None), tokens
+        back = torch.empty(len(order), dtype=torch.long)
+        back[torch.as_tensor(order, dtype=torch.long)] = torch.arange(len(order))  # results in the given order
+        return torch.cat(losses)[back], (torch.cat(feats)[back] if feats else None), tokens
 
     def signals(self, hidden, logits, labels, inv_sqrt_v):
         """(losses (B,), features (B, k) or None) of one forward's lm_head input `hidden` and `logits`."""

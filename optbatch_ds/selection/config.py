@@ -41,14 +41,15 @@ class SelectionConfig:
               "ends flat; null = constant.")
     quotas: str = option("exp_loss", "optbatch stratum quotas: exp_loss (how many of an exp(loss / tau) draw fall "
                          "in each stratum) or uniform (ablation).", choices=QUOTAS)
-    within: str = option("farthest", "optbatch choice inside a stratum: farthest (farthest-point in sketch space), "
-                         "top (its highest-signal members; with strata 1, plain top-k) or random (ablation).",
+    within: str = option("top", "optbatch choice inside a stratum: top (its highest-signal members; with strata 1, "
+                         "plain top-k), farthest (the paper's farthest-point in sketch space) or random (ablation).",
                          choices=WITHIN)
     distance: str = option("euclidean", "Sketch distance of the farthest-point step: euclidean or cosine.",
                            choices=DISTANCES)
-    strata_by: str = option("signal", "optbatch: what the strata and their quotas are cut on: signal (the same "
-                            "ranking as the within-stratum choice) or loss (difficulty: every loss level keeps its "
-                            "share, and within=top picks the best signal inside each).", choices=STRATA_BY)
+    strata_by: str = option("loss", "optbatch: what the strata and their quotas are cut on: loss (difficulty: every "
+                            "loss level keeps its share, and within=top picks the best signal inside each) or signal "
+                            "(the same ranking as the within-stratum choice: the paper's, where signal is the loss).",
+                            choices=STRATA_BY)
     reweight: str = option("none", "optbatch loss weights: none (the paper's); strata: each trained sample "
                            "weighted by its stratum's size / quota (mean 1), the stratified-sampling estimate of the "
                            "pool's loss; upweight: that weight only where it is above 1 (strata the quotas "

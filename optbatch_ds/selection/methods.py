@@ -7,6 +7,7 @@ tests rely on):
   infobatch  torch.randperm(number of low-loss), then torch.randperm(number of others) if needed
   optbatch   torch.rand(n, dtype=float64) for the Gumbel quota draw, then (within="random")
              torch.randperm(stratum size) per stratum with a quota, highest-loss stratum first
+             (within="farthest" and "top" draw nothing more)
 where n is the number of valid (finite) candidates. full and online_hard draw nothing.
 All work happens on the CPU, whatever device the inputs are on.
 """
@@ -228,6 +229,18 @@ _METHODS = {
 }
 
 
+def _everything(loss: torch.Tensor, finite: torch.Tensor, budget: int, info: dict) -> SelectionResult:
+    """Method "full": every candidate, in order, finite or not (info["nonfinite"] counts the others)."""
+    c = loss.numel()
+    if budget != c:
+        raise ValueError(f"method 'full' trains on every candidate: budget={budget} must equal c={c}")
+    mean = _json_float(loss[finite].mean()) if bool(finite.any()) else None
+    info.update(excluded_nonfinite=0, nonfinite=int((~finite).sum()), mean_loss_candidates=mean,
+                mean_loss_selected=mean)
+    return SelectionResult(np.arange(c, dtype=np.int64), np.ones(c, dtype=np.float32), info,
+                           np.full(c, -1, dtype=np.int64))
+
+
 def select(losses, sketches, budget: int, config: SelectionConfig,
            generator: torch.Generator | None, progress: float = 0.0, signal=None) -> SelectionResult:
     """Choose `budget` of the c candidates.
@@ -255,15 +268,8 @@ def select(losses, sketches, budget: int, config: SelectionConfig,
     if sk is not None:
         finite &= torch.isfinite(sk).all(dim=1)
     info = {"method": config.method, "candidates": c, "budget": budget}
-
     if config.method == "full":
-        if budget != c:
-            raise ValueError(f"method 'full' trains on every candidate: budget={budget} must equal c={c}")
-        indices = np.arange(c, dtype=np.int64)
-        mean = _json_float(loss[finite].mean()) if bool(finite.any()) else None
-        info.update(excluded_nonfinite=0, nonfinite=int((~finite).sum()),
-                    mean_loss_candidates=mean, mean_loss_selected=mean)
-        return SelectionResult(indices, np.ones(c, dtype=np.float32), info, np.full(c, -1, dtype=np.int64))
+        return _everything(loss, finite, budget, info)
 
     if config.method == "optbatch" and config.within == "farthest" and sk is None:
         raise ValueError("method 'optbatch' with within='farthest' needs sketches of shape (c, k); got None "

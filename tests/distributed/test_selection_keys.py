@@ -51,7 +51,7 @@ def _argv(config, out, inputs, *extra):
 
 CASES = {
     "stale_neighbours_top": dict(scoring="stale", signal="neighbours", strata=1, within="top", refresh=0.125),
-    "reducible_reference_prior": dict(scoring="stale", signal="reducible", prior="reference", strata=1, within="top"),
+    "reducible_mean_prior": dict(scoring="stale", signal="reducible", prior="mean", strata=1, within="top"),
     "progress_fresh": dict(signal="progress", within="random"),
     "paper_preset": dict(preset="paper"),
 }
@@ -77,7 +77,7 @@ def test_ranks_agree_on_every_new_key(setup, case):
         assert metrics[0]["flops"] > 5e9 and metrics[0]["reference_flops"] == 5e9
     if keys.get("scoring") == "stale":  # epochs after the first re-use what training measured
         assert all(m["score_tokens"] == 0 for m in metrics if m["epoch"] >= 1)
-        if keys.get("prior") == "reference":
+        if keys.get("prior") == "mean":
             assert all(m["score_tokens"] == 0 for m in metrics)
     if keys.get("refresh"):  # 12.5% of the budget drawn at random from what the selector left
         assert all(m["refreshed"] == 2 for m in metrics)

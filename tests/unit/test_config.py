@@ -46,6 +46,17 @@ def test_unknown_optbatch_key_names_nearest():
         OptBatchConfig.from_dict({"prune_ration": 0.3})
 
 
+def test_shipped_configs_use_the_package_defaults_and_comments_are_ignored():
+    import glob
+    import json
+    for path in glob.glob("ds_configs/*.json"):
+        section = json.load(open(path, encoding="utf-8"))["optbatch"]
+        cfg = OptBatchConfig.from_dict(section)
+        assert cfg == OptBatchConfig.from_dict({"prune_ratio": 0.3}), path
+    assert OptBatchConfig.from_dict({"preset": "paper"}).within == "farthest"
+    assert OptBatchConfig.from_dict({"reference_losses": "refs"}).signal == "reducible"
+
+
 @pytest.mark.parametrize("section,match", [
     ({"prune_ratio": 1.0}, "outside"), ({"prune_ratio": -0.1}, "outside"), ({"method": "optbach"}, "did you mean 'optbatch'"),
     ({"strata": 0}, "strata"), ({"temperature": 0}, "temperature"), ({"feature": "grad"}, "feature"),
@@ -114,7 +125,7 @@ def test_each_optbatch_key_is_declared_once_and_composed():
     own = {f.name for f in fields(OptBatchConfig)}
     sel, sco = {f.name for f in fields(SelectionConfig)}, {f.name for f in fields(ScoringConfig)}
     sig = {f.name for f in fields(SignalConfig)}
-    assert own == sel | sco | sig | {"prune_ratio"} and not (sel & sco or sel & sig or sco & sig)
+    assert own == sel | sco | sig | {"prune_ratio", "preset"} and not (sel & sco or sel & sig or sco & sig)
     ob = OptBatchConfig.from_dict({"method": "ccs", "strata": 5, "sketch_dim": 64, "outlier_fence": 1.5})
     assert ob.selection_config() == SelectionConfig(method="ccs", strata=5, outlier_fence=1.5)
     # one validator per key, one message format, whichever class is built

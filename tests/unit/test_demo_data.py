@@ -146,10 +146,10 @@ def _translation_sentence(record):
 
 def test_reference_split_is_clean_and_disjoint_from_train_and_eval(demo):
     ref = read(demo["reference"])
-    assert [r["id"] for r in ref] == [f"reference-{i:05d}" for i in range(300)]
-    assert Counter(r["task"] for r in ref) == {"dialogue": 100, "qa": 100, "translation": 100}
+    assert [r["id"] for r in ref] == [f"reference-{i:05d}" for i in range(900)]
+    assert Counter(r["task"] for r in ref) == {"dialogue": 300, "qa": 300, "translation": 300}
     assert all(r["defect"] == "none" and _correct_answer(r) == r["messages"][-1]["content"] for r in ref)
-    assert demo["stats"]["reference"]["by_task"] == {"dialogue": 100, "qa": 100, "translation": 100}
+    assert demo["stats"]["reference"]["by_task"] == {"dialogue": 300, "qa": 300, "translation": 300}
     prompts = {json.dumps(r["messages"][:-1]) for r in ref}
     assert len(prompts) == len(ref)
     for split in ("train", "eval"):
@@ -157,7 +157,7 @@ def test_reference_split_is_clean_and_disjoint_from_train_and_eval(demo):
         assert not prompts & {json.dumps(r["messages"][:-1]) for r in others}, split
         sentences = {_translation_sentence(r) for r in others if r["task"] == "translation"}
         assert not any(_translation_sentence(r) in sentences for r in ref if r["task"] == "translation"), split
-    assert len(load_examples(demo["reference"])) == 300
+    assert len(load_examples(demo["reference"])) == 900
 
 
 def _corpus(demo):

@@ -212,7 +212,7 @@ def test_quota_draw_follows_exp_loss_distribution():
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
 def test_every_farthest_pick_is_max_min_distance(seed, c, budget, strata, k, dtype, rtol):
     losses, sketches = make_inputs(seed, c, k, dtype)
-    res = run("optbatch", losses, sketches, budget, seed, strata=strata)
+    res = run("optbatch", losses, sketches, budget, seed, strata=strata, within="farthest")
     check_farthest_picks(res.indices, losses.numpy(), sketches.numpy(), res.info["quotas"], strata,
                          "euclidean", rtol)
 
@@ -222,7 +222,7 @@ def test_farthest_with_duplicates_and_offset_sketches():
     losses, sketches = make_inputs(12, 80, 6, torch.float32)
     sketches[40:60] = sketches[0:20]
     sketches += 1000.0
-    res = run("optbatch", losses, sketches, 70, 12)
+    res = run("optbatch", losses, sketches, 70, 12, within="farthest")
     assert len(set(res.indices.tolist())) == 70
     check_farthest_picks(res.indices, losses.numpy(), sketches.numpy(), res.info["quotas"], 3,
                          "euclidean", 1e-3)
@@ -231,7 +231,7 @@ def test_farthest_with_duplicates_and_offset_sketches():
 @pytest.mark.parametrize("seed,c,budget,k", [(0, 40, 15, 4), (1, 100, 60, 12), (2, 64, 64, 2)])
 def test_one_stratum_flat_draw_is_plain_farthest_point(seed, c, budget, k):
     losses, sketches = make_inputs(seed, c, k)
-    res = run("optbatch", losses, sketches, budget, seed, strata=1, temperature=float("inf"))
+    res = run("optbatch", losses, sketches, budget, seed, strata=1, temperature=float("inf"), within="farthest")
     x = sketches.numpy()
     first = ref_first_pick(x, np.arange(c), "euclidean")
     chosen, mind = plain_farthest(x, first)
@@ -246,7 +246,7 @@ def test_one_stratum_flat_draw_is_plain_farthest_point(seed, c, budget, k):
 def test_farthest_needs_sketches():
     losses, _ = make_inputs(0, 20, 2)
     with pytest.raises(ValueError, match="within='random'"):
-        run("optbatch", losses, None, 5)
+        run("optbatch", losses, None, 5, within="farthest")
 
 
 # ---------------------------------------------------------------- ablations
@@ -274,11 +274,12 @@ def test_uniform_quotas_ignore_losses():
 @pytest.mark.parametrize("seed,c,budget,strata", [(0, 60, 30, 3), (1, 90, 70, 2)])
 def test_cosine_picks_are_max_min_cosine_distance(seed, c, budget, strata):
     losses, sketches = make_inputs(seed, c, 6)
-    res = run("optbatch", losses, sketches, budget, seed, strata=strata, distance="cosine")
+    res = run("optbatch", losses, sketches, budget, seed, strata=strata, distance="cosine", within="farthest")
     check_farthest_picks(res.indices, losses.numpy(), sketches.numpy(), res.info["quotas"], strata, "cosine", 1e-9)
     # Cosine ignores row scale: rescaling rows by powers of two changes nothing.
     scale = 2.0 ** torch.randint(-3, 4, (c, 1), generator=gen(seed)).double()
-    again = run("optbatch", losses, sketches * scale, budget, seed, strata=strata, distance="cosine")
+    again = run("optbatch", losses, sketches * scale, budget, seed, strata=strata, distance="cosine",
+                within="farthest")
     assert np.array_equal(res.indices, again.indices)
 
 

@@ -91,3 +91,23 @@ def test_stale_values_are_the_last_measurements(signal, refresh):
             first.setdefault(i, v)
     assert rt.measured.sum() == len(last)
     assert {i: float(rt.store.first_loss[i]) for i in first} == pytest.approx(first, rel=1e-5)
+
+
+def test_scoring_in_length_buckets_returns_the_same_scores_in_order():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from optbatch_ds.scoring import Scorer, SketchProjection
+
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    items = _items(23, 40, gen)
+    engine = _Engine(model, 1)
+    scorer = Scorer("grad_raw", 16, True, SketchProjection(40, 8, seed=0), 4, 0)
+    plain = scorer.score(engine, items, None, {"score_forward": 0.0, "features": 0.0})
+    bucketed = Scorer("grad_raw", 16, True, SketchProjection(40, 8, seed=0), 4, 0, by_length=True)
+    got = bucketed.score(engine, items, None, {"score_forward": 0.0, "features": 0.0})
+    torch.testing.assert_close(got[0], plain[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], plain[1], rtol=1e-4, atol=1e-5)
+    assert got[2] == plain[2]
