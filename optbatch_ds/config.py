@@ -33,6 +33,9 @@ DEFAULT_EPOCHS = 3
 DEFAULT_LR_SMALL_MODEL = 1e-3
 DEFAULT_LR_PRETRAINED = 2e-5
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages")
+# What the baselines (random, online_hard, ccs, infobatch) rank and score by unless the section names it: the
+# loss, measured by a scoring forward each step, as they were published and as BENCHMARKS.md ran them.
+BASELINE = dict(signal="loss", scoring="fresh")
 # Named settings of the "optbatch" section; keys given next to "preset" override the preset's.
 PRESETS = {
     # the package's defaults (the declarations): the best setting without a reference model (BENCHMARKS.md)
@@ -91,7 +94,10 @@ class OptBatchConfig(SignalConfig, ScoringConfig, SelectionConfig):
         if preset not in PRESETS:
             raise ConfigError(f'"optbatch".preset: \'{preset}\' is not one of {", ".join(PRESETS)}'
                               f"{nearest_name(preset, PRESETS)}")
-        return cls(**{**PRESETS[preset], **section})
+        start = PRESETS[preset]
+        if section.get("method", start.get("method", "optbatch")) != "optbatch" and "preset" not in section:
+            start = {**start, **BASELINE}  # the baselines as published, unless a key beside them says otherwise
+        return cls(**{**start, **section})
 
     @property
     def needs_scores(self) -> bool:

@@ -23,8 +23,14 @@ class ResumeError(UserError, FileNotFoundError):
 
 
 def closest(name: str, valid, cutoff: float = 0.5) -> str | None:
-    """The valid name most like `name` (difflib ratio >= cutoff), or None: the one nearest-name rule."""
-    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=cutoff)
+    """The valid name most like `name`, or None: the one nearest-name rule. A valid name that `name` extends
+    with a suffix ("strata_count" -> "strata", "--epochs-total" -> "--epochs") wins, the longest such;
+    otherwise the closest by difflib ratio, if at least `cutoff`."""
+    name, names = str(name), [str(v) for v in valid]
+    stems = [v for v in names if len(v) >= 3 and len(name) > len(v) and name.startswith(v) and name[len(v)] in "_-."]
+    if stems:
+        return max(stems, key=len)
+    close = difflib.get_close_matches(name, names, n=1, cutoff=cutoff)
     return close[0] if close else None
 
 

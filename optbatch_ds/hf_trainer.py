@@ -133,6 +133,14 @@ class _Rows:
         return _Row(self.dataset[i])
 
 
+def _groups_by_length(args) -> bool:
+    """transformers' length grouping: `group_by_length` up to 4.x, `train_sampling_strategy="group_by_length"`
+    from 5.0. Here it deals each step's selected samples by length (the step's set stays the same)."""
+    if getattr(args, "train_sampling_strategy", None) == "group_by_length":
+        return True
+    return bool(getattr(args, "group_by_length", False))
+
+
 @dataclass
 class _Run:
     """Built with the train dataloader: the shared step's runtime, the usable rows, the draw stream, the log."""
@@ -191,7 +199,7 @@ class OptBatchMixin:
         pad_id = 0 if pad_id is None else pad_id  # right padding is masked: any id will do
         rt = ob_step.SelectionRuntime.build(self.model, ob, BatchSizes(c, b, micro, accum, world), pad_id,
                                             self._curvature, None, rank)
-        rt.group_by_length = bool(args.group_by_length)  # within each step: the step's samples stay the same
+        rt.group_by_length = _groups_by_length(args)  # within each step: the step's samples stay the same
         rt.attach(len(self.train_dataset))
         resume = getattr(self, "_ob_resume", None)
         if resume and os.path.exists(os.path.join(resume, OPTBATCH_STATE)):

@@ -12,7 +12,9 @@ from tests.dist_utils import run_distributed
 pytestmark = pytest.mark.distributed
 
 N_ROWS, VOCAB, MICRO, STEPS = 64, 64, 2, 3
-OPTBATCH = dict(method="optbatch", prune_ratio=0.3, strata=3, sketch_dim=16, seed=3)
+# signal "loss", so the test can recompute each choice from the gathered losses and sketches alone; the zero3 case
+# scores stale (values recorded in the training forward), the others fresh
+OPTBATCH = dict(preset="paper", method="optbatch", prune_ratio=0.3, strata=3, sketch_dim=16, seed=3)
 
 
 def _rows():
@@ -38,14 +40,15 @@ def _body(rank, world, mode, accum, method, out):
     model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
-    optbatch = OptBatchConfig(**{**OPTBATCH, "method": method})
+    section = dict(OPTBATCH, method=method, scoring="stale" if mode == "zero3" else "fresh")
+    optbatch = OptBatchConfig.from_dict(section)
     ds = None
     if mode != "ddp":
         ds = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
               "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "steps_per_print": 10**9,
               "zero_optimization": {"stage": int(mode[-1]), "stage3_param_persistence_threshold": 0}}
         if mode == "zero3":  # the "optbatch" section rides in the DeepSpeed JSON, as in ds_configs/
-            ds["optbatch"], optbatch = dict(OPTBATCH, method=method), None
+            ds["optbatch"], optbatch = section, None
     args = TrainingArguments(output_dir=out, max_steps=STEPS, per_device_train_batch_size=MICRO,
                              gradient_accumulation_steps=accum, learning_rate=1e-2, use_cpu=True, report_to=[],
                              deepspeed=ds, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0)

@@ -194,7 +194,7 @@ CONFIG_CASES = {
     "unknown_optbatch_key": (dict(optbatch={"strata_count": 3}), [],
                              ["unknown key 'strata_count'", "did you mean 'strata'"]),
     "unknown_method": (dict(optbatch={"method": "optbach"}), [],
-                       ['"optbatch".method', "'optbach' is not a method", "did you mean 'optbatch'"]),
+                       ['"optbatch".method', "'optbach' is not one of", "did you mean 'optbatch'"]),
     "unknown_flag": ({}, ["--max-step", "2"], ["unknown flag '--max-step'", "did you mean '--max-steps'"]),
 }
 

@@ -28,9 +28,21 @@ def data_args(root):
     return small_inputs(root, 200)["args"]  # 200 demo records: a short setup, several steps per epoch
 
 
-def _argv(out, data_args, *extra):
-    return ["--deepspeed", "ds_configs/zero2.json", "--method", "optbatch", "--output-dir", str(out),
+def _argv(out, data_args, *extra, config="ds_configs/zero2.json"):
+    return ["--deepspeed", config, "--method", "optbatch", "--output-dir", str(out),
             "--log-every", "0", "--no-export", *data_args, *extra]
+
+
+def _fresh_scoring_config(root) -> str:
+    """zero2.json with scoring "fresh": one scoring forward per step, the path the poisoned-scores test targets
+    (with "stale", the training forward computes the recorded values too, through the same function)."""
+    import json
+
+    cfg = json.load(open("ds_configs/zero2.json"))
+    cfg["optbatch"]["scoring"] = "fresh"
+    path = root / "zero2_fresh.json"
+    path.write_text(json.dumps(cfg))
+    return str(path)
 
 
 def _record_batches(batching):
@@ -72,8 +84,8 @@ def _poisoned_scores_body(rank, world_size, argv):
 def test_nonfinite_candidates_are_excluded_and_counted(root, data_args):
     out = root / "nonfinite_scores"
     steps = 3
-    res = run_distributed(_poisoned_scores_body, 2, args=(_argv(out, data_args, "--max-steps", str(steps)),),
-                          timeout=600)
+    argv = _argv(out, data_args, "--max-steps", str(steps), config=_fresh_scoring_config(root))
+    res = run_distributed(_poisoned_scores_body, 2, args=(argv,), timeout=600)
     # one scoring call per step per rank (12 candidates per rank fit one scoring batch of 16)
     assert [len(r["poisoned"]) for r in res] == [steps, steps]
     assert res[0]["history"] == res[1]["history"]

@@ -44,6 +44,8 @@ def test_candidates(alpha, b, w, expected):
 def test_unknown_optbatch_key_names_nearest():
     with pytest.raises(ConfigError, match="did you mean 'prune_ratio'"):
         OptBatchConfig.from_dict({"prune_ration": 0.3})
+    with pytest.raises(ConfigError, match="did you mean 'strata'"):  # a key with a suffix: its stem, not strata_by
+        OptBatchConfig.from_dict({"strata_count": 3})
 
 
 def test_shipped_configs_use_the_package_defaults_and_comments_are_ignored():
@@ -55,6 +57,15 @@ def test_shipped_configs_use_the_package_defaults_and_comments_are_ignored():
         assert cfg == OptBatchConfig.from_dict({"prune_ratio": 0.3}), path
     assert OptBatchConfig.from_dict({"preset": "paper"}).within == "farthest"
     assert OptBatchConfig.from_dict({"reference_losses": "refs"}).signal == "reducible"
+
+
+@pytest.mark.parametrize("method", ["random", "online_hard", "ccs", "infobatch"])
+def test_baselines_rank_by_a_fresh_loss_unless_told_otherwise(method):
+    cfg = OptBatchConfig.from_dict({"method": method})
+    assert (cfg.signal, cfg.scoring) == ("loss", "fresh")
+    cfg = OptBatchConfig.from_dict({"method": method, "signal": "progress", "scoring": "stale"})
+    assert (cfg.signal, cfg.scoring) == ("progress", "stale")
+    assert OptBatchConfig.from_dict({"method": "optbatch"}).signal == "neighbours"
 
 
 @pytest.mark.parametrize("section,match", [
