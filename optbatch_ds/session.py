@@ -109,7 +109,8 @@ def resolve_here(run: RunConfig, world: int, num_train_samples: int | None = Non
     accel = get_accelerator()
     return resolve(run, world, accelerator=accel.device_name(),
                    bf16_supported=bool(getattr(accel, "is_bf16_supported", lambda: False)()),
-                   num_train_samples=num_train_samples)
+                   num_train_samples=num_train_samples,
+                   fp16_supported=bool(getattr(accel, "is_fp16_supported", lambda: False)()))
 
 
 def build_engine(prep: Prepared, rs: Resolved):
