@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from optbatch_ds.data.errors import ON_BAD_RECORD
+from optbatch_ds.data.templates import check_choice as check_chat_template
 from optbatch_ds.ds_json import (add_missing_sections, check_no_auto_left, check_precision, fill_hf_autos, is_auto,
                                  model_hidden_size, needs_hidden_size)
 from optbatch_ds.errors import ConfigError, nearest_name
@@ -125,6 +126,9 @@ class RunConfig:
     data: str | None = option(None, "Training data: .json/.jsonl/.parquet file, folder, or datasets name; default: demo.")
     eval_data: str | None = option(None, "Held-out data (same formats); default: the demo eval split, else none.")
     data_format: str = option("auto", "auto | alpaca | sharegpt | messages.", choices=DATA_FORMATS, what="data format")
+    chat_template: str = option("tokenizer", "Chat template to train with: tokenizer (the model's own, the built-in "
+                                "one if it has none), builtin, chatml, or a Jinja file PATH.jinja; saved with the "
+                                "export in final/.")
     output_dir: str = option("outputs/default", "Where checkpoints, metrics, eval and the final HF export go.")
     epochs: float | None = option(None, "Passes over the training data (each sample scored once per epoch); "
                                   f"default {DEFAULT_EPOCHS_DEMO} on the demo data, {DEFAULT_EPOCHS} otherwise.")
@@ -158,6 +162,7 @@ class RunConfig:
             if allowed and value not in allowed:
                 raise ConfigError(f"unknown {f.metadata['what']} '{value}' (--{f.name.replace('_', '-')}); choose one "
                                   f"of {', '.join(allowed)}{nearest_name(value, allowed)}")
+        check_chat_template(self.chat_template)
         if self.resume is not None and self.resume != "auto" and not os.path.exists(self.resume):
             raise ConfigError(f"--resume {self.resume}: no such checkpoint (use 'auto' or a checkpoints/step_XXXXXX path)")
         if self.max_seq_len < 8:

@@ -52,7 +52,7 @@ from optbatch_ds.session import Prepared, build_engine, prepare_data_and_model, 
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 # Flags shared with launch/train.py (same names, same help text).
-_SHARED = ("deepspeed", "model", "data", "data_format", "max_seq_len", "seed", "method", "prune_ratio",
+_SHARED = ("deepspeed", "model", "data", "data_format", "chat_template", "max_seq_len", "seed", "method", "prune_ratio",
            "reference_losses", "group_by_length",
            "on_bad_record", "trust_remote_code", "learning_rate", "collective_timeout")
 

@@ -145,3 +145,14 @@ def test_config_with_byte_order_mark(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + open("ds_configs/zero3.json", "rb").read())
     assert resolve(RunConfig(deepspeed=str(path)), 2).train_batch_size == 16
 
+
+def test_chat_template_flag(tmp_path):
+    assert parse_args(["--chat-template", "chatml"]).chat_template == "chatml"
+    assert RunConfig().chat_template == "tokenizer"
+    path = tmp_path / "t.jinja"
+    path.write_text("{{ messages }}")
+    assert parse_args(["--chat-template", str(path)]).chat_template == str(path)
+    with pytest.raises(ConfigError, match="--chat-template chatmll: not one of .*did you mean 'chatml'"):
+        parse_args(["--chat-template", "chatmll"])
+    with pytest.raises(ConfigError, match="--chat-template missing.jinja: .*no such file"):
+        parse_args(["--chat-template", "missing.jinja"])
