@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from optbatch_ds.data.errors import ON_BAD_RECORD
+from optbatch_ds.data.formats import formats_help
 from optbatch_ds.data.templates import check_choice as check_chat_template
 from optbatch_ds.ds_json import (add_missing_sections, check_no_auto_left, check_precision, fill_hf_autos, is_auto,
                                  model_hidden_size, needs_hidden_size)
@@ -190,7 +191,8 @@ def build_arg_parser(description: str = "Instruction-tune a causal LM with DeepS
     """A parser with one flag per RunConfig field (or the fields in `names`), generated from their metadata:
     --max-seq-len for max_seq_len, --flag / --no-flag for booleans. Defaults are None: a flag not given
     keeps the dataclass default."""
-    p = Parser(description=description, allow_abbrev=False, prog=prog)
+    p = Parser(description=description, allow_abbrev=False, prog=prog, epilog=formats_help(),
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(RunConfig):
         if names is not None and f.name not in names:
             continue

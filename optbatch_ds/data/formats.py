@@ -49,6 +49,28 @@ _FIELDS = {
 }
 METADATA_FIELDS = ("id", "source", "category", "lang", "language", "defect", "meta", "metadata")
 _EXTRA_METADATA = {"alpaca": ("text",)}
+# One record of each format, as `launch/train.py --help` shows them (tests/unit/test_formats_users.py loads them).
+FORMAT_EXAMPLES = (
+    ("alpaca", '{"instruction": "And doubled?", "input": "", "output": "16", "system": "Be brief.", '
+               '"history": [["What is 3 plus 5?", "8"]]}'),
+    ("sharegpt", '{"conversations": [{"from": "human", "value": "A 40 dollar lamp, 25 percent off?"}, '
+                 '{"from": "function_call", "value": "{\\"name\\": \\"discount\\", \\"arguments\\": '
+                 '{\\"price\\": 40, \\"pct\\": 25}}"}, {"from": "observation", "value": "30"}, '
+                 '{"from": "gpt", "value": "30 dollars.", "weight": 1}], '
+                 '"tools": [{"name": "discount", "description": "apply a percentage discount"}]}'),
+    ("messages", '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": '
+                 '"Add 2 and 3."}, {"role": "assistant", "content": "5"}], "task": "math"}'),
+)
+
+
+def formats_help() -> str:
+    """The record formats with one example each (the epilog of launch/train.py --help)."""
+    lines = ["record formats of --data / --eval-data (JSON Lines, a JSON array or parquet; detected from the keys;",
+             "tool calls, per-turn weight / train and metadata: README, 'Record formats'), one example each:"]
+    lines += [f"  {name:<9} {example}" for name, example in FORMAT_EXAMPLES]
+    return "\n".join(lines)
+
+
 _FORMAT_HELP = ("alpaca (instruction, output, optional input, system and history), "
                 "sharegpt (conversations: [{from, value}]), messages (messages: [{role, content}])")
 

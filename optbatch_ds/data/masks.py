@@ -67,13 +67,17 @@ def render(tokenizer, messages, tools, add_generation_prompt: bool) -> str:
 
 
 def common_prefix(a: str, b: str) -> int:
-    """Length of the longest common prefix of two strings (compares in chunks, then characters)."""
-    n, i, step = min(len(a), len(b)), 0, 256
-    while i + step <= n and a[i:i + step] == b[i:i + step]:
-        i += step
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    """Length of the longest common prefix of two strings (a binary search over slice comparisons, done in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi:  # a[:lo] == b[:lo] and a[:hi + 1] != b[:hi + 1]
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def report_once(key, message: str) -> None:
@@ -225,18 +229,24 @@ def _pattern(tokens: tuple[str, ...]):
     return re.compile("|".join(re.escape(t) for t in tokens)) if tokens else None
 
 
+_patterns_cache: dict = {}
+
+
 def _control_patterns(tokenizer):
     """(special tokens, other added tokens) as regexes, longest first so <|im_end|> beats a prefix of it.
     Closing tokens are looked for among the special ones first: added tokens such as Qwen's <tool_call> or
-    <think> are text the model writes inside a turn, not its end."""
-    special = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    for tok in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
-        if getattr(tok, "special", False):
-            special.add(str(tok))
-    added = tokens_of(tokenizer) - special
-    key = lambda t: (-len(t), t)  # noqa: E731
-    return (_pattern(tuple(sorted((t for t in special if t), key=key))),
-            _pattern(tuple(sorted((t for t in added if t), key=key))))
+    <think> are text the model writes inside a turn, not its end. Cached per tokenizer and vocabulary size."""
+    key = (id(tokenizer), len(tokenizer))
+    if key not in _patterns_cache:
+        special = set(getattr(tokenizer, "all_special_tokens", []) or [])
+        for tok in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
+            if getattr(tok, "special", False):
+                special.add(str(tok))
+        added = tokens_of(tokenizer) - special
+        order = lambda t: (-len(t), t)  # noqa: E731
+        _patterns_cache[key] = (_pattern(tuple(sorted((t for t in special if t), key=order))),
+                                _pattern(tuple(sorted((t for t in added if t), key=order))))
+    return _patterns_cache[key]
 
 
 def _token_start(text: str, pos: int, patterns) -> int:

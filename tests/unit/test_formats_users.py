@@ -47,6 +47,20 @@ def _refused(tmp_path, record, field, *needles):
     return report.skipped[0]["kind"]
 
 
+def test_help_examples_load_as_their_format(tmp_path, capsys):
+    from optbatch_ds.config import parse_args
+    from optbatch_ds.data.formats import FORMAT_EXAMPLES
+
+    for name, example in FORMAT_EXAMPLES:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(example + "\n", encoding="utf-8")
+        assert load_examples(str(path), fmt=name)[0].messages[-1]["role"] == "assistant"
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--chat-template" in out and all(example in out for _, example in FORMAT_EXAMPLES)
+
+
 # ---------------------------------------------------------------------------- alpaca history
 
 def test_alpaca_history_becomes_earlier_turns(tmp_path):
