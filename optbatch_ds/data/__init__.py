@@ -14,7 +14,7 @@ from .chat import (BUILTIN_CHAT_TEMPLATE, IGNORE_INDEX, ChatTemplateError, Encod
                    stop_token_ids)
 from .demo import make_demo_data
 from .errors import DataError, SkipReport
-from .formats import FORMATS, Example, detect_format, load_examples, parse_record
+from .formats import FORMATS, Example, detect_format, example_record, load_examples, parse_record
 from .sampler import EpochSampler
 from .templates import CHAT_TEMPLATE_CHOICES, CHATML_CHAT_TEMPLATE, resolve_chat_template
 from .tokenizer import train_sentencepiece_tokenizer
@@ -23,6 +23,7 @@ __all__ = [
     "BUILTIN_CHAT_TEMPLATE", "CHATML_CHAT_TEMPLATE", "CHAT_TEMPLATE_CHOICES", "IGNORE_INDEX", "ChatTemplateError",
     "DataError", "Encoded", "EpochSampler",
     "Example", "FORMATS", "SkipReport", "assistant_spans", "chat_template_of", "detect_format",
-    "encode_example", "encode_examples", "encode_prompt", "load_examples", "make_demo_data", "parse_record",
+    "encode_example", "encode_examples", "encode_prompt", "example_record", "load_examples", "make_demo_data",
+    "parse_record",
     "resolve_chat_template", "split_for_generation", "stop_token_ids", "train_sentencepiece_tokenizer",
 ]

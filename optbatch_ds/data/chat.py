@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from .errors import DataError, SkipReport, check_on_bad_record, handle
 from .formats import Example
 from .masks import MARK, content_spans, locate_turns, render, report_once, tok_name, unsupported_message
-from .templates import BUILTIN_CHAT_TEMPLATE, ChatTemplateError, template_for, uses_generation_tags
+from .templates import BUILTIN_CHAT_TEMPLATE, ROLE_TOKENS, ChatTemplateError, template_for, uses_generation_tags
 
 logger = logging.getLogger(__name__)
 
@@ -285,5 +285,5 @@ def encode_examples(examples: list[Example], tokenizer, max_seq_len: int, on_bad
 
 
 __all__ = ["BUILTIN_CHAT_TEMPLATE", "IGNORE_INDEX", "ChatTemplateError", "Encoded", "assistant_spans",
-           "chat_template_of", "encode_example", "encode_examples", "encode_prompt",
+           "chat_template_of", "encode_example", "encode_examples", "encode_prompt", "ROLE_TOKENS",
            "split_for_generation", "stop_token_ids"]

@@ -261,6 +261,16 @@ def parse_record(record, fmt: str, source: str) -> Example:
                    untrained=frozenset(untrained))
 
 
+def example_record(example: Example) -> dict:
+    """A messages-format record that reads back as `example` (its turns with their tool calls, the untrained
+    turns as "train": false, its tools and task; metadata left out): for files written from loaded examples."""
+    messages = [dict(m, train=False) if j in example.untrained else m for j, m in enumerate(example.messages)]
+    record = {"messages": messages, "task": example.task}
+    if example.tools:
+        record["tools"] = example.tools
+    return record
+
+
 def _alpaca(source, record: dict, known) -> tuple[list[dict], list[str]]:
     """(messages, the field each comes from) of an Alpaca record."""
     instruction = _get_str(source, record, "instruction", True, known)

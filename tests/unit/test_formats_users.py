@@ -258,3 +258,29 @@ def test_offline_pruning_maps_and_writes_the_same_records(tmp_path, folder, name
     out = tmp_path / f"kept{os.path.splitext(name)[1]}"
     prune.write_kept(files, kept[:3], str(out))
     assert [e.messages for e in load_examples(str(out))] == [e.messages for e in examples[:3]]
+
+
+def test_record_hash_keys_what_changes_the_loss(tmp_path):
+    """Reference losses are keyed by data.hashing.record_hash: a plain conversation hashes as it always has (so
+    reference losses written before tools and turn flags were read still match), while tool calls, the record's
+    tools and untrained turns each change the key; a record written back by example_record reads back to the
+    same example and key (launch/reference.py's halves)."""
+    from optbatch_ds.data import example_record
+    from optbatch_ds.data.hashing import example_hash, record_hash
+
+    plain = _one(tmp_path, {"conversations": [Q, A]})
+    assert example_hash(plain) == record_hash(plain.messages) == "b97259b5ad9ab7fb"  # as before: never changes
+    tools = load_examples(os.path.join(CASES, "tool_turns", "tools.jsonl"))
+    weights = load_examples(os.path.join(CASES, "turn_weight", "turn_weight.jsonl"))
+    call, only = tools[4], load_examples(os.path.join(CASES, "tool_turns", "tools_field_only.jsonl"))[4]
+    other_call = json.loads(json.dumps(call.messages))
+    other_call[1]["tool_calls"][0]["function"]["arguments"]["pct"] = 50
+    assert record_hash(other_call, call.tools) != example_hash(call)
+    assert example_hash(only) != record_hash(only.messages)  # the tools are in the prompt
+    marked = weights[3]
+    assert marked.untrained and example_hash(marked) != record_hash(marked.messages)
+    path = write_jsonl(tmp_path / "back.jsonl", [example_record(e) for e in (call, only, marked, plain)])
+    back = load_examples(path)
+    assert [example_hash(e) for e in back] == [example_hash(e) for e in (call, only, marked, plain)]
+    assert [(e.messages, e.tools, e.untrained) for e in back] == [
+        (e.messages, e.tools, e.untrained) for e in (call, only, marked, plain)]
