@@ -19,6 +19,10 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from optbatch_ds.data.errors import ON_BAD_RECORD
+from optbatch_ds.data.formats import formats_help
+from optbatch_ds.data.templates import check_choice as check_chat_template
+from optbatch_ds.ds_json import (add_missing_sections, check_no_auto_left, check_precision, fill_hf_autos, is_auto,
+                                 model_hidden_size, needs_hidden_size)
 from optbatch_ds.errors import ConfigError, nearest_name
 from optbatch_ds.options import as_float, bad, option
 from optbatch_ds.scoring.config import FEATURES, ScoringConfig
@@ -129,6 +133,9 @@ class RunConfig:
     data: str | None = option(None, "Training data: .json/.jsonl/.parquet file, folder, or datasets name; default: demo.")
     eval_data: str | None = option(None, "Held-out data (same formats); default: the demo eval split, else none.")
     data_format: str = option("auto", "auto | alpaca | sharegpt | messages.", choices=DATA_FORMATS, what="data format")
+    chat_template: str = option("tokenizer", "Chat template to train with: tokenizer (the model's own, the built-in "
+                                "one if it has none), builtin, chatml, or a Jinja file PATH.jinja; saved with the "
+                                "export in final/.")
     output_dir: str = option("outputs/default", "Where checkpoints, metrics, eval and the final HF export go.")
     epochs: float | None = option(None, "Passes over the training data (each sample scored once per epoch); "
                                   f"default {DEFAULT_EPOCHS_DEMO} on the demo data, {DEFAULT_EPOCHS} otherwise.")
@@ -162,6 +169,7 @@ class RunConfig:
             if allowed and value not in allowed:
                 raise ConfigError(f"unknown {f.metadata['what']} '{value}' (--{f.name.replace('_', '-')}); choose one "
                                   f"of {', '.join(allowed)}{nearest_name(value, allowed)}")
+        check_chat_template(self.chat_template)
         if self.resume is not None and self.resume != "auto" and not os.path.exists(self.resume):
             raise ConfigError(f"--resume {self.resume}: no such checkpoint (use 'auto' or a checkpoints/step_XXXXXX path)")
         if self.max_seq_len < 8:
@@ -189,7 +197,8 @@ def build_arg_parser(description: str = "Instruction-tune a causal LM with DeepS
     """A parser with one flag per RunConfig field (or the fields in `names`), generated from their metadata:
     --max-seq-len for max_seq_len, --flag / --no-flag for booleans. Defaults are None: a flag not given
     keeps the dataclass default."""
-    p = Parser(description=description, allow_abbrev=False, prog=prog)
+    p = Parser(description=description, allow_abbrev=False, prog=prog, epilog=formats_help(),
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(RunConfig):
         if names is not None and f.name not in names:
             continue
@@ -253,6 +262,7 @@ class Resolved:
     grad_accum: int
     candidates: int                # c: samples scored per step, all ranks together
     num_train_samples: int | None = None  # the usable training samples, once the data is loaded
+    sections_added: tuple[str, ...] = ()  # "optimizer" / "scheduler" sections the JSON lacked (HF's defaults)
 
     @property
     def candidates_per_rank(self) -> int:
@@ -277,6 +287,8 @@ class Resolved:
                    "candidates": self.candidates}
         if self.num_train_samples is not None:
             derived["num_train_samples"] = self.num_train_samples
+        if self.sections_added:
+            derived["sections_added"] = list(self.sections_added)
         return {"run": dataclasses.asdict(self.run), "deepspeed": self.ds, "optbatch": dataclasses.asdict(self.optbatch),
                 "derived": derived}
 
@@ -286,7 +298,7 @@ def load_json_config(path: str) -> dict:
     if not os.path.exists(path):
         raise ConfigError(f"--deepspeed {path}: file not found (try ds_configs/zero3.json)")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is dropped
             return json.load(f)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
@@ -298,8 +310,7 @@ def num_candidates(train_batch_size: int, prune_ratio: float, world_size: int) -
     return int(math.ceil(c / world_size) * world_size)
 
 
-def _is_auto(v) -> bool:
-    return isinstance(v, str) and v.lower() == "auto"
+_is_auto = is_auto
 
 
 def _optbatch_section(run: RunConfig, ds: dict) -> OptBatchConfig:
@@ -353,14 +364,16 @@ def _batch_sizes(path: str, ds: dict, world_size: int) -> tuple[int, int, int]:
     return total, micro, accum
 
 
-def _precision(path: str, ds: dict, accelerator: str, bf16_supported: bool) -> None:
-    """"auto" precision means bf16 where the hardware has it, fp32 elsewhere (CPU)."""
+def _precision(path: str, ds: dict, accelerator: str, bf16_supported: bool, fp16_supported: bool) -> None:
+    """"auto" precision means bf16 where the hardware has it, fp32 elsewhere (CPU); then what is enabled must
+    exist on this machine (`ds_json.check_precision`)."""
     for key in ("bf16", "fp16"):
         sec = ds.get(key)
+        if sec is not None and not isinstance(sec, dict):
+            raise ConfigError(f'{path}: "{key}" must be a JSON object like {{"enabled": "auto"}}, got {sec!r}')
         if isinstance(sec, dict) and _is_auto(sec.get("enabled")):
             sec["enabled"] = bool(key == "bf16" and bf16_supported and accelerator != "cpu")
-    if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
-        raise ConfigError(f"{path}: bf16 and fp16 are both enabled; enable one")
+    check_precision(path, ds, accelerator, bf16_supported, fp16_supported)
 
 
 def _learning_rate(run: RunConfig, ds: dict) -> float | None:
@@ -402,20 +415,28 @@ def _scheduler(path: str, ds: dict, total_steps: int, lr: float | None) -> None:
 
 
 def resolve(run: RunConfig, world_size: int, accelerator: str = "cpu", bf16_supported: bool = False,
-            raw: dict | None = None, num_train_samples: int | None = None) -> Resolved:
-    """Fill "auto" values, apply flag overrides, check the batch arithmetic. Raises ConfigError.
+            raw: dict | None = None, num_train_samples: int | None = None,
+            fp16_supported: bool | None = None) -> Resolved:
+    """Fill "auto" values (every one Hugging Face's DeepSpeed integration fills, `ds_json.AUTO_VALUES`), give a
+    JSON without an optimizer or scheduler Hugging Face's defaults, apply flag overrides, check the batch
+    arithmetic and that the machine has the precision asked for. Raises ConfigError; reads no data or weights.
 
     raw: the DeepSpeed dict (default: read from run.deepspeed); num_train_samples: the usable training
-    samples, which the scheduler's "auto" step counts need (None: not known yet; a cheap early check)."""
+    samples, which the scheduler's "auto" step counts need (None: not known yet; a cheap early check);
+    fp16_supported: the accelerator's answer (default: not on CPU)."""
     ds = copy.deepcopy(raw if raw is not None else load_json_config(run.deepspeed))
     if not isinstance(ds, dict):
         raise ConfigError(f"{run.deepspeed}: the top level must be a JSON object")
     for key in [k for k in ds if isinstance(k, str) and k.startswith("_")]:
         del ds[key]  # "_comment" and friends: notes for people, not for DeepSpeed
     ob = _optbatch_section(run, ds)
+    added = add_missing_sections(ds)
     total, micro, accum = _batch_sizes(run.deepspeed, ds, world_size)
     ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = total, micro, accum
-    _precision(run.deepspeed, ds, accelerator, bf16_supported)
+    _precision(run.deepspeed, ds, accelerator, bf16_supported,
+               accelerator != "cpu" if fp16_supported is None else fp16_supported)
+    hidden = model_hidden_size(run.model, run.trust_remote_code) if needs_hidden_size(ds) else None
+    fill_hf_autos(run.deepspeed, ds, hidden)
     lr = _learning_rate(run, ds)
     c = num_candidates(total, ob.prune_ratio, world_size)
     if ob.method == "optbatch" and ob.strata > c:
@@ -429,8 +450,10 @@ def resolve(run: RunConfig, world_size: int, accelerator: str = "cpu", bf16_supp
     if zero.get("stage", 0) == 3:
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     ds.setdefault("steps_per_print", 10**9)  # our own progress line replaces DeepSpeed's
+    check_no_auto_left(run.deepspeed, ds)
     return Resolved(run=run, ds=ds, optbatch=ob, world_size=world_size, train_batch_size=total,
-                    micro_batch_size=micro, grad_accum=accum, candidates=c, num_train_samples=num_train_samples)
+                    micro_batch_size=micro, grad_accum=accum, candidates=c, num_train_samples=num_train_samples,
+                    sections_added=tuple(added))
 
 
 def optbatch_table() -> str:

@@ -14,7 +14,7 @@ import torch
 
 from optbatch_ds import comm
 from optbatch_ds.batching import collate, padded_shard, per_sample_nll
-from optbatch_ds.data import encode_prompt, split_for_generation
+from optbatch_ds.data import encode_prompt, split_for_generation, stop_token_ids
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]+$")
 
@@ -93,8 +93,10 @@ def _heldout_losses(engine, tokenizer, encoded, usable: list[int], batch_size: i
 
 
 def _greedy(engine, tokenizer, examples, gen_ids: list[int], settings: EvalSettings) -> dict[int, str]:
-    """Greedy answers of this rank's shard of `gen_ids`, left-padded batches, by index."""
+    """Greedy answers of this rank's shard of `gen_ids`, left-padded batches, by index. Decoding stops at any
+    token that ends an assistant turn under the chat template (eos, <|im_end|>, ...), as the export does."""
     rank, world = comm.rank_and_world()
+    stops = stop_token_ids(tokenizer) or tokenizer.eos_token_id
     preds: dict[int, str] = {}
     shard = padded_shard(gen_ids, rank, world)
     old_side = tokenizer.padding_side
@@ -102,7 +104,7 @@ def _greedy(engine, tokenizer, examples, gen_ids: list[int], settings: EvalSetti
     try:
         for s in range(0, len(shard), settings.batch_size):
             ids = shard[s:s + settings.batch_size]
-            prompts = [encode_prompt(split_for_generation(examples[i])[0], tokenizer) for i in ids]
+            prompts = [encode_prompt(split_for_generation(examples[i])[0], tokenizer, examples[i].tools) for i in ids]
             width = max(len(p) for p in prompts)
             input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -111,7 +113,7 @@ def _greedy(engine, tokenizer, examples, gen_ids: list[int], settings: EvalSetti
                 mask[r, width - len(p):] = 1
             out = engine.module.generate(input_ids=input_ids.to(engine.device), attention_mask=mask.to(engine.device),
                                          max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1,
-                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
                                          synced_gpus=settings.synced_gpus)
             for r, i in enumerate(ids):
                 preds[i] = tokenizer.decode(out[r, width:], skip_special_tokens=True).strip()

@@ -8,12 +8,14 @@ import tempfile
 import torch
 
 from optbatch_ds import comm
+from optbatch_ds.data import stop_token_ids
 
 
 def export_hf(engine, tokenizer, out_dir: str, rank: int, stage3: bool) -> None:
     """Every rank must call this: under ZeRO-3 the shards are gathered (16-bit when training in
-    16 bits) by DeepSpeed's save_16bit_model, then rank 0 writes safetensors, config, tokenizer and
-    generation config."""
+    16 bits) by DeepSpeed's save_16bit_model, then rank 0 writes safetensors, config, the tokenizer with the
+    chat template the run trained with, and a generation config that stops on every token that ends an
+    assistant turn under that template (eos, <|im_end|>, <|eot_id|>, ...)."""
     model = engine.module
     state_dict = None
     if stage3:
@@ -36,6 +38,7 @@ def export_hf(engine, tokenizer, out_dir: str, rank: int, stage3: bool) -> None:
         tokenizer.save_pretrained(out_dir)
         gen = model.generation_config
         gen.pad_token_id = tokenizer.pad_token_id
-        gen.eos_token_id = tokenizer.eos_token_id
+        stops = stop_token_ids(tokenizer)
+        gen.eos_token_id = stops if len(stops) > 1 else (stops[0] if stops else tokenizer.eos_token_id)
         gen.save_pretrained(out_dir)
     comm.barrier()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -16,6 +17,8 @@ import tempfile
 import torch
 
 from optbatch_ds.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 # What loading a model or tokenizer from a wrong path, an offline hub id or unknown custom code raises;
 # anything else (out of memory, a bug in remote code) is not a user's path mistake and keeps its traceback.
@@ -98,8 +101,12 @@ def build_default_model(texts: list[str], cache_dir: str, seed: int = 0, vocab_s
                         config_overrides: dict | None = None) -> str:
     """Build (or reuse) the default model directory; returns its path. Safe to call from many ranks:
     each builds into a private temporary folder and the first to finish renames it into place."""
+    from optbatch_ds.data.templates import BUILTIN_CHAT_TEMPLATE
+
     model_config = {**DEFAULT_MODEL_CONFIG, **(config_overrides or {})}
-    key = fingerprint(texts, seed, {**model_config, "vocab": vocab_size})
+    # The template is part of the key: a cached tokenizer keeps the built-in template it was saved with.
+    template = hashlib.sha256(BUILTIN_CHAT_TEMPLATE.encode()).hexdigest()[:8]
+    key = fingerprint(texts, seed, {**model_config, "vocab": vocab_size, "template": template})
 
     def build(tmp: str) -> None:
         model, tokenizer = new_default_model(texts, tmp, seed, vocab_size, model_config)
@@ -109,8 +116,13 @@ def build_default_model(texts: list[str], cache_dir: str, seed: int = 0, vocab_s
     return build_once(os.path.join(cache_dir, f"default_model_{key}"), build)
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: str = "tokenizer"):
+    """The tokenizer at `path`, with a pad token, and the chat template the run trains with set on it
+    (`--chat-template`: tokenizer | builtin | chatml | PATH.jinja; see optbatch_ds.data.templates), so the loss
+    masks, evaluation prompts and the export in final/ all use that one."""
     from transformers import AutoTokenizer
+
+    from optbatch_ds.data.templates import resolve_chat_template
 
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -122,6 +134,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     if tok.pad_token is None:
         raise ConfigError(f"tokenizer at '{path}' has no pad, eos or unk token to pad with")
+    template, how = resolve_chat_template(chat_template, tok, path)
+    if chat_template == "tokenizer" and not getattr(tok, "chat_template", None):
+        logger.warning("chat template: %s", how)
+    tok.chat_template = template
     return tok
 
 

@@ -44,6 +44,7 @@ from optbatch_ds.batching import padded_shard
 from optbatch_ds.comm import log0
 from optbatch_ds.config import ConfigError, Resolved, RunConfig, build_arg_parser as _run_flags, parse_known
 from optbatch_ds.data import EpochSampler
+from optbatch_ds.data.readers import BOM
 from optbatch_ds.scoring import curvature_inv_sqrt
 from optbatch_ds.selection import Selector
 from optbatch_ds.signals import SignalContext, reference_losses, signal_values
@@ -51,7 +52,7 @@ from optbatch_ds.session import Prepared, build_engine, prepare_data_and_model, 
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
 # Flags shared with launch/train.py (same names, same help text).
-_SHARED = ("deepspeed", "model", "data", "data_format", "max_seq_len", "seed", "method", "prune_ratio",
+_SHARED = ("deepspeed", "model", "data", "data_format", "chat_template", "max_seq_len", "seed", "method", "prune_ratio",
            "reference_losses", "group_by_length",
            "on_bad_record", "trust_remote_code", "learning_rate", "collective_timeout")
 
@@ -112,8 +113,9 @@ class _Raw:
 
 def _raw_jsonl(path: str) -> list[_Raw]:
     out = []
-    with open(path, "rb") as f:  # same line numbering and blank-line rule as readers._iter_jsonl
+    with open(path, "rb") as f:  # same line numbering, blank-line and byte-order-mark rules as readers._iter_jsonl
         for lineno, line in enumerate(f, start=1):
+            line = line.removeprefix(BOM) if lineno == 1 else line
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError:
@@ -131,7 +133,7 @@ def _raw_jsonl(path: str) -> list[_Raw]:
 
 def _raw_json_array(path: str) -> list[_Raw]:
     with open(path, "rb") as f:
-        text = f.read().decode("utf-8")  # load_examples accepted the file, so it is a valid array
+        text = f.read().removeprefix(BOM).decode("utf-8")  # load_examples accepted the file: a valid array
     decoder, ws, out = json.JSONDecoder(), " \t\r\n", []
     i, line, counted = text.index("[") + 1, 1, 0
     while True:
@@ -162,12 +164,12 @@ def _raw_parquet(path: str) -> list[_Raw]:
 
 def _raw_files(spec: str) -> list[tuple[str, list[_Raw]]]:
     """(file or dataset name, its records in order) for a file, folder or `datasets` name, as load_examples reads it."""
-    from optbatch_ds.data.readers import data_files_in
+    from optbatch_ds.data.readers import data_files_in, file_kind
 
     if os.path.isdir(spec) or os.path.isfile(spec):
         paths = data_files_in(spec) if os.path.isdir(spec) else [spec]
-        readers = {".jsonl": _raw_jsonl, ".json": _raw_json_array, ".parquet": _raw_parquet}
-        return [(p, readers[os.path.splitext(p)[1]](p)) for p in paths]
+        readers = {"jsonl": _raw_jsonl, "json": _raw_json_array, "parquet": _raw_parquet}
+        return [(p, readers[file_kind(p)](p)) for p in paths]  # by content, as the data layer reads it
     import datasets
 
     ds = datasets.load_dataset(spec, split="train")
@@ -224,8 +226,10 @@ def write_kept(files, kept: list[tuple[int, int]], output: str) -> None:
     chunks = []
     for fi, ri in kept:
         r = files[fi][1][ri]
-        if output.endswith(".json"):
+        if output.endswith(".json") and isinstance(r.raw, str):  # a .json array element, as it was
             chunks.append(r.raw.encode("utf-8"))
+        elif output.endswith(".json"):  # JSON Lines saved as .json
+            chunks.append(json.dumps(r.value, ensure_ascii=False, default=str).encode("utf-8"))
         elif isinstance(r.raw, bytes):  # a .jsonl line, byte for byte
             chunks.append(r.raw if r.raw.endswith(b"\n") else r.raw + b"\n")
         else:  # a record from a datasets name, a .json array or parquet in a mixed folder

@@ -39,8 +39,8 @@ from optbatch_ds import comm
 from optbatch_ds.batching import padded_shard
 from optbatch_ds.comm import log0
 from optbatch_ds.config import DEFAULT_LR_SMALL_MODEL, RunConfig, build_arg_parser as _run_flags, parse_known
-from optbatch_ds.data import SkipReport, encode_examples, load_examples
-from optbatch_ds.data.hashing import record_hash
+from optbatch_ds.data import SkipReport, encode_examples, example_record, load_examples
+from optbatch_ds.data.hashing import example_hash
 from optbatch_ds.errors import ConfigError
 from optbatch_ds.modeling import MODEL_SIZES, build_default_model, cache_root
 from optbatch_ds.scoring.forward import Scorer
@@ -50,8 +50,8 @@ from optbatch_ds.signals import COST_FILE, LOSSES_FILE
 # model after 10 epochs still ranks wrong answers above right ones for ~1 pair in 5, after 20 for ~1 in 12
 # (BENCHMARKS.md, reference models).
 DEFAULT_EPOCHS = 20.0
-_SHARED = ("deepspeed", "data", "data_format", "model", "max_seq_len", "seed", "learning_rate", "trust_remote_code",
-           "collective_timeout")
+_SHARED = ("deepspeed", "data", "data_format", "chat_template", "model", "max_seq_len", "seed", "learning_rate",
+           "trust_remote_code", "collective_timeout")
 
 
 # ---------------------------------------------------------------------------- building
@@ -105,7 +105,7 @@ def _reference_model(job: ReferenceJob, examples: list, local_rank: int) -> str:
 
 def _parts(job: ReferenceJob, examples: list, hashes: list[str]) -> list[tuple[str, str, list[int]]]:
     """(name, training file, indices of the examples it scores) of every reference model. Rank 0 writes the
-    holdout-free halves (records keep their messages and task); the others wait for them."""
+    holdout-free halves (records keep their turns, tools, untrained turns and task); the others wait for them."""
     if job.reference_data is not None:
         return [("clean", job.reference_data, list(range(len(examples))))]
     halves = [[i for i, h in enumerate(hashes) if int(h, 16) % 2 == part] for part in (0, 1)]
@@ -115,8 +115,7 @@ def _parts(job: ReferenceJob, examples: list, hashes: list[str]) -> list[tuple[s
         for members, file in zip(halves, files):
             with open(file, "w", encoding="utf-8") as f:
                 for i in members:
-                    f.write(json.dumps({"messages": examples[i].messages, "task": examples[i].task},
-                                       ensure_ascii=False) + "\n")
+                    f.write(json.dumps(example_record(examples[i]), ensure_ascii=False) + "\n")
     comm.barrier()
     return [("a", files[0], halves[1]), ("b", files[1], halves[0])]
 
@@ -171,7 +170,7 @@ def _train_and_score(job: ReferenceJob, name: str, train_file: str, targets: lis
 def build_reference(job: ReferenceJob, rank: int, world: int, local_rank: int) -> dict | None:
     """The whole job (module docstring); returns the cost summary on rank 0, None elsewhere. Collective."""
     examples = load_examples(job.run.data, fmt=job.run.data_format, on_bad_record="skip", report=SkipReport())
-    hashes = [record_hash(e.messages) for e in examples]
+    hashes = [example_hash(e) for e in examples]
     model = _reference_model(job, examples, local_rank)
     results = []
     for name, train_file, targets in _parts(job, examples, hashes):

@@ -79,7 +79,7 @@ def _prepare(run: RunConfig, out: str) -> Prepared:
     if model_path is None:
         texts = [m["content"] for e in examples for m in e.messages]
         model_path = build_default_model(texts, cache, seed=run.seed)
-    tokenizer = load_tokenizer(model_path, run.trust_remote_code)
+    tokenizer = load_tokenizer(model_path, run.trust_remote_code, run.chat_template)
     encoded = encode_examples(examples, tokenizer, run.max_seq_len, run.on_bad_record, report)
     eval_encoded = encode_examples(eval_examples, tokenizer, run.max_seq_len, "skip", report) if eval_examples else []
     pool = [i for i, e in enumerate(encoded) if e is not None and e.n_supervised > 0]
@@ -109,7 +109,8 @@ def resolve_here(run: RunConfig, world: int, num_train_samples: int | None = Non
     accel = get_accelerator()
     return resolve(run, world, accelerator=accel.device_name(),
                    bf16_supported=bool(getattr(accel, "is_bf16_supported", lambda: False)()),
-                   num_train_samples=num_train_samples)
+                   num_train_samples=num_train_samples,
+                   fp16_supported=bool(getattr(accel, "is_fp16_supported", lambda: False)()))
 
 
 def build_engine(prep: Prepared, rs: Resolved):

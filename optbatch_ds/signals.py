@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from optbatch_ds.data.hashing import record_hash
+from optbatch_ds.data.hashing import example_hash
 from optbatch_ds.errors import ConfigError
 from optbatch_ds.options import bad, check_choices, option
 
@@ -224,7 +224,7 @@ class ReferenceLosses:
 
     def for_examples(self, examples: list) -> tuple[np.ndarray, int]:
         """(reference loss of every example, float64 (N,), NaN where none; how many have none)."""
-        values = np.array([self.by_hash.get(record_hash(e.messages), math.nan) for e in examples], dtype=np.float64)
+        values = np.array([self.by_hash.get(example_hash(e), math.nan) for e in examples], dtype=np.float64)
         return values, int(np.isnan(values).sum())
 
     def for_run(self, examples: list) -> tuple[np.ndarray, dict]:

@@ -96,8 +96,8 @@ class SelectionRuntime:
         if self.optbatch.stale or self.optbatch.signal in ("progress", "neighbours"):  # they read the store
             self.measured = np.zeros(num_samples, dtype=bool)
             if self.rank == 0:
-                k = self.scorer.projection.sketch_dim if self.scorer.projection is not None else 0
-                self.store = SampleStore(num_samples, k if self.scorer.with_features else 0)
+                # without a projection (sketch_dim 0, or not below the vocabulary) the features themselves
+                self.store = SampleStore(num_samples, self.scorer.sketch_size)
 
     @property
     def pad_id(self) -> int:

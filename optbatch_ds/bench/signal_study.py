@@ -58,7 +58,7 @@ def _encoded(run_dir: str):
     from optbatch_ds.modeling import load_tokenizer
 
     cfg = read_json(os.path.join(run_dir, "config.json"))
-    tok = load_tokenizer(cfg["model_path"])
+    tok = load_tokenizer(cfg["model_path"], chat_template=cfg["run"].get("chat_template", "tokenizer"))
     examples = load_examples(cfg["train_data"])
     max_len = cfg["run"]["max_seq_len"]
     full = encode_examples(examples, tok, max_len, "skip", SkipReport())

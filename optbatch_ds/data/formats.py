@@ -1,23 +1,24 @@
-"""Instruction data formats -> `Example` (a list of chat messages).
+"""Instruction data formats -> `Example` (a list of chat messages, the record's tools, untrained turns).
 
 Formats (detected per file from the first record whose keys match, or forced with `fmt`):
 
-    alpaca    {"instruction": str, "output": str, "input": str?, "system": str?}
-              user turn = instruction, plus a blank line and the input when the input is non-empty
-    sharegpt  {"conversations": [{"from": str, "value": str}, ...], "system": str?}
-              from: human/user -> user; gpt/assistant/chatgpt/bard/model -> assistant; system -> system
-              (case-insensitive)
-    messages  {"messages": [{"role": str, "content": str}, ...]}
-              role: system, user or assistant (exactly; no aliases)
+    alpaca    {"instruction": str, "output": str, "input": str?, "system": str?, "history": [[str, str], ...]?}
+              user turn = instruction, plus a blank line and the input when the input is non-empty;
+              "history" (LLaMA-Factory): earlier [user, assistant] exchanges, in order, trained like the last
+    sharegpt  {"conversations": [{"from": str, "value": str, "weight"?, "train"?}, ...], "system": str?,
+               "tools": [...] or its JSON string?}
+              from: human/user -> user; gpt/assistant/chatgpt/bard/model -> assistant; system -> system;
+              function_call -> an assistant tool call; observation/tool -> a tool result (case-insensitive)
+    messages  {"messages": [{"role": str, "content": str, "tool_calls"?, "tool_call_id"?, "name"?, "weight"?,
+               "train"?}, ...], "tools": [...]?}
+              role: system, user, assistant or tool (exactly; no aliases)
 
-Any record may carry "task" (a string; default "default"); other fields go to `Example.meta`.
-A null optional field counts as absent (parquet fills missing columns with nulls).
-
-Conversation rules, checked for every format after mapping roles:
-  * at most one system turn, and only as the first turn;
-  * then user and assistant strictly alternate, starting with user;
-  * the last turn is an assistant turn (there is something to learn and a reference to compare
-    against), and no assistant turn is empty or whitespace-only.
+Turns, tool calls, per-turn "weight" / "train" and the conversation rules: `optbatch_ds.data.turns`.
+Any record may carry "task" (a string; default "default") and metadata kept in `Example.meta` and never
+shown to the model: "id", "source", "category", "lang", "language", "defect" (the demo's label), "meta",
+"metadata", and for alpaca "text" (the pre-rendered prompt some Alpaca copies carry). Any other key is
+an error naming it (never ignored); a null optional field counts as absent (parquet fills missing
+columns with nulls).
 
 Usage:
     report = SkipReport()
@@ -34,22 +35,43 @@ from optbatch_ds.errors import ConfigError, closest
 
 from .errors import DataError, SkipReport, check_on_bad_record, handle
 from .readers import data_files_in, iter_hub_records, iter_records
+from .turns import check_conversation, parse_tools, parse_turns, type_name, unknown_key_error
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("alpaca", "sharegpt", "messages")
-ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
 
-# Top-level fields each format knows: (required, optional). "task" is common to all.
+# Top-level fields each format knows: (required, optional). "task" and the metadata fields are common to all.
 _FIELDS = {
-    "alpaca": (("instruction", "output"), ("input", "system")),
-    "sharegpt": (("conversations",), ("system",)),
-    "messages": (("messages",), ()),
+    "alpaca": (("instruction", "output"), ("input", "system", "history")),
+    "sharegpt": (("conversations",), ("system", "tools")),
+    "messages": (("messages",), ("tools",)),
 }
-_TURN_FIELDS = {"sharegpt": ("from", "value"), "messages": ("role", "content")}
-_FORMAT_HELP = ("alpaca (instruction, output, optional input and system), "
+METADATA_FIELDS = ("id", "source", "category", "lang", "language", "defect", "meta", "metadata")
+_EXTRA_METADATA = {"alpaca": ("text",)}
+# One record of each format, as `launch/train.py --help` shows them (tests/unit/test_formats_users.py loads them).
+FORMAT_EXAMPLES = (
+    ("alpaca", '{"instruction": "And doubled?", "input": "", "output": "16", "system": "Be brief.", '
+               '"history": [["What is 3 plus 5?", "8"]]}'),
+    ("sharegpt", '{"conversations": [{"from": "human", "value": "A 40 dollar lamp, 25 percent off?"}, '
+                 '{"from": "function_call", "value": "{\\"name\\": \\"discount\\", \\"arguments\\": '
+                 '{\\"price\\": 40, \\"pct\\": 25}}"}, {"from": "observation", "value": "30"}, '
+                 '{"from": "gpt", "value": "30 dollars.", "weight": 1}], '
+                 '"tools": [{"name": "discount", "description": "apply a percentage discount"}]}'),
+    ("messages", '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": '
+                 '"Add 2 and 3."}, {"role": "assistant", "content": "5"}], "task": "math"}'),
+)
+
+
+def formats_help() -> str:
+    """The record formats with one example each (the epilog of launch/train.py --help)."""
+    lines = ["record formats of --data / --eval-data (JSON Lines, a JSON array or parquet; detected from the keys;",
+             "tool calls, per-turn weight / train and metadata: README, 'Record formats'), one example each:"]
+    lines += [f"  {name:<9} {example}" for name, example in FORMAT_EXAMPLES]
+    return "\n".join(lines)
+
+
+_FORMAT_HELP = ("alpaca (instruction, output, optional input, system and history), "
                 "sharegpt (conversations: [{from, value}]), messages (messages: [{role, content}])")
 
 
@@ -59,6 +81,8 @@ class Example:
     task: str = "default"
     source: str = ""
     meta: dict = field(default_factory=dict)
+    tools: list[dict] | None = None          # the record's tools, passed to the chat template
+    untrained: frozenset[int] = frozenset()  # assistant turns marked weight 0 / train false: in the text, not the loss
 
 
 def load_examples(spec: str, fmt: str = "auto", on_bad_record: str = "error",
@@ -137,6 +161,7 @@ _ALL_FIELDS = tuple(sorted({f for req, opt in _FIELDS.values() for f in req + op
 
 
 def detect_format(record: dict) -> str | None:
+    """The format whose required fields the record has (alpaca, sharegpt, messages), or None."""
     if "instruction" in record and "output" in record:
         return "alpaca"
     if "conversations" in record:
@@ -180,113 +205,91 @@ def _get_str(source, record: dict, name: str, required: bool, known, prefix: str
         return None
     value = record[name]
     if not isinstance(value, str):
-        raise DataError(source, prefix + name, f"is a {_type_name(value)}", "a string", kind="wrong_type")
+        raise DataError(source, prefix + name, f"is a {type_name(value)}", "a string", kind="wrong_type")
     return value
 
 
-def _type_name(value) -> str:
-    return {dict: "JSON object", list: "JSON array", str: "string", bool: "boolean", int: "number",
-            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+def _check_keys(source, record: dict, fmt: str) -> tuple[set, set]:
+    """(format fields, metadata fields); an unknown key is a DataError naming it (a typo of a field the record
+    lacks says so), unless its value is null."""
+    required, optional = _FIELDS[fmt]
+    known = set(required) | set(optional) | {"task"}
+    metadata = set(METADATA_FIELDS) | set(_EXTRA_METADATA.get(fmt, ()))
+    absent = sorted(known - set(record))
+    unknown = [k for k in record if k not in known and k not in metadata]
+    for k in unknown:
+        close = closest(k, absent, cutoff=0.75)
+        if close:
+            raise DataError(source, k, f"field '{k}' is not known; did you mean '{close}'?",
+                            f"the fields of the {fmt} format", kind="unknown_field")
+    for name in required:  # a record of another format: say what is missing before what is unknown
+        if record.get(name) is None:
+            raise _missing(source, record, name, known, "a string" if fmt == "alpaca" else "a list of turns")
+    for k in unknown:
+        if record[k] is not None:
+            raise unknown_key_error(source, k, list(required + optional) + ["task"] + sorted(metadata),
+                                    f"the {fmt} format (metadata included)")
+    return known, metadata
 
 
 def parse_record(record, fmt: str, source: str) -> Example:
     """One raw record in format `fmt` -> Example, or DataError naming source and field."""
     if not isinstance(record, dict):
-        raise DataError(source, None, f"the record is a {_type_name(record)}", "a JSON object "
+        raise DataError(source, None, f"the record is a {type_name(record)}", "a JSON object "
                         f"with the fields of the {fmt} format", kind="not_an_object")
-    required, optional = _FIELDS[fmt]
-    known = set(required) | set(optional) | {"task"}
-    # An unknown key that looks like a known field the record lacks is a typo, not metadata:
-    # keeping it in meta would silently drop e.g. a misspelled "input".
-    absent = sorted(known - set(record))
-    for k in record:
-        if k not in known:
-            close = closest(k, absent, cutoff=0.75)
-            if close:
-                raise DataError(source, k, f"field '{k}' is not known; did you mean '{close}'?",
-                                f"the fields of the {fmt} format", kind="unknown_field")
+    known, metadata = _check_keys(source, record, fmt)
     if fmt == "alpaca":
-        instruction = _get_str(source, record, "instruction", True, known)
-        output = _get_str(source, record, "output", True, known)
-        inp = _get_str(source, record, "input", False, known)
-        system = _get_str(source, record, "system", False, known)
-        user = instruction + ("\n\n" + inp if inp and inp.strip() else "")
-        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
-            {"role": "user", "content": user}, {"role": "assistant", "content": output}]
-        shift = 0
+        (messages, paths), untrained, tools = _alpaca(source, record, known), set(), None
     else:
-        list_field = required[0]
+        list_field = _FIELDS[fmt][0][0]
         if list_field not in record or record[list_field] is None:
             raise _missing(source, record, list_field, known, "a list of turns")
-        turns = record[list_field]
-        if not isinstance(turns, list):
-            raise DataError(source, list_field, f"is a {_type_name(turns)}", "a list of turns",
-                            kind="wrong_type")
-        messages = [_parse_turn(source, fmt, list_field, i, t) for i, t in enumerate(turns)]
-        shift = 0
-        if fmt == "sharegpt":
-            system = _get_str(source, record, "system", False, known)
-            if system is not None:
-                if messages and messages[0]["role"] == "system":
-                    raise DataError(source, "system", "given both as a field and as the first turn",
-                                    "one system message", kind="bad_turn_order")
-                messages.insert(0, {"role": "system", "content": system})
-                shift = 1
-    _check_conversation(source, messages, fmt, shift)
+        messages, paths, untrained = parse_turns(source, fmt, list_field, record[list_field])
+        tools = parse_tools(source, record.get("tools"))
+        system = _get_str(source, record, "system", False, known) if fmt == "sharegpt" else None
+        if system is not None:
+            if messages and messages[0]["role"] == "system":
+                raise DataError(source, "system", "given both as a field and as the first turn",
+                                "one system message", kind="bad_turn_order")
+            messages.insert(0, {"role": "system", "content": system})
+            paths.insert(0, "system")
+            untrained = {j + 1 for j in untrained}
+    check_conversation(source, messages, paths, untrained)
     task = _get_str(source, record, "task", False, known)
-    meta = {k: v for k, v in record.items() if k not in known}
-    return Example(messages=messages, task=task or "default", source=source, meta=meta)
+    meta = {k: v for k, v in record.items() if k in metadata}
+    return Example(messages=messages, task=task or "default", source=source, meta=meta, tools=tools,
+                   untrained=frozenset(untrained))
 
 
-def _parse_turn(source, fmt, list_field, i, turn) -> dict:
-    prefix = f"{list_field}[{i}]."
-    role_key, content_key = _TURN_FIELDS[fmt]
-    if not isinstance(turn, dict):
-        raise DataError(source, f"{list_field}[{i}]", f"is a {_type_name(turn)}",
-                        f"an object {{{role_key}, {content_key}}}", kind="wrong_type")
-    known = {role_key, content_key}
-    role = _get_str(source, turn, role_key, True, known, prefix)
-    content = _get_str(source, turn, content_key, True, known, prefix)
-    if fmt == "sharegpt":
-        mapped = SHAREGPT_ROLES.get(role.lower())
-        valid = ", ".join(SHAREGPT_ROLES)
-    else:
-        mapped = role if role in ROLES else None
-        valid = ", ".join(ROLES)
-    if mapped is None:
-        raise DataError(source, prefix + role_key, f"unknown role '{role}'", f"one of: {valid}",
-                        kind="unknown_role")
-    return {"role": mapped, "content": content}
+def example_record(example: Example) -> dict:
+    """A messages-format record that reads back as `example` (its turns with their tool calls, the untrained
+    turns as "train": false, its tools and task; metadata left out): for files written from loaded examples."""
+    messages = [dict(m, train=False) if j in example.untrained else m for j, m in enumerate(example.messages)]
+    record = {"messages": messages, "task": example.task}
+    if example.tools:
+        record["tools"] = example.tools
+    return record
 
 
-def _check_conversation(source, messages: list[dict], fmt: str, shift: int = 0) -> None:
-    """Turn-order rules (see the module docstring). `shift`: leading messages not from the list
-    field (a sharegpt "system" field), so errors name the record's own turn index."""
-    list_field = {"alpaca": None, "sharegpt": "conversations", "messages": "messages"}[fmt]
-
-    def where(j: int) -> str:
-        if list_field is None:
-            return "output" if messages[j]["role"] == "assistant" else "instruction"
-        return f"{list_field}[{j - shift}]" if j >= shift else "system"
-
-    roles = [m["role"] for m in messages]
-    start = 1 if roles[:1] == ["system"] else 0
-    for j in range(start, len(roles)):
-        want = "user" if (j - start) % 2 == 0 else "assistant"
-        if roles[j] == "system":
-            raise DataError(source, where(j), "a system turn after the first turn",
-                            "at most one system turn, and only as the first turn", kind="bad_turn_order")
-        if roles[j] != want:
-            raise DataError(source, where(j), f"a {roles[j]} turn where a {want} turn must come",
-                            "user and assistant turns alternating, starting with user "
-                            "(after an optional system turn)", kind="bad_turn_order")
-    if "assistant" not in roles:
-        raise DataError(source, list_field or "output", "the conversation has no assistant turn",
-                        "at least one user turn followed by an assistant turn", kind="no_assistant_turn")
-    if roles[-1] != "assistant":
-        raise DataError(source, where(len(roles) - 1), "the conversation ends with a user turn",
-                        "the last turn to be the assistant's answer", kind="bad_turn_order")
-    for j, m in enumerate(messages):
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise DataError(source, where(j), "the assistant turn is empty", "a non-empty answer",
-                            kind="empty_assistant_turn")
+def _alpaca(source, record: dict, known) -> tuple[list[dict], list[str]]:
+    """(messages, the field each comes from) of an Alpaca record."""
+    instruction = _get_str(source, record, "instruction", True, known)
+    output = _get_str(source, record, "output", True, known)
+    inp = _get_str(source, record, "input", False, known)
+    system = _get_str(source, record, "system", False, known)
+    messages, paths = ([{"role": "system", "content": system}], ["system"]) if system is not None else ([], [])
+    history = record.get("history")
+    if history is not None:
+        if not isinstance(history, list):
+            raise DataError(source, "history", f"is a {type_name(history)}",
+                            "a list of [instruction, response] pairs", kind="wrong_type")
+        for i, pair in enumerate(history):
+            if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                    or not all(isinstance(x, str) for x in pair)):
+                raise DataError(source, f"history[{i}]", f"is {str(pair)[:60]}",
+                                "an [instruction, response] pair of strings", kind="wrong_type")
+            messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+            paths += [f"history[{i}][0]", f"history[{i}][1]"]
+    user = instruction + ("\n\n" + inp if inp and inp.strip() else "")
+    return (messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}],
+            paths + ["instruction", "output"])

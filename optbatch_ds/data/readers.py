@@ -1,7 +1,9 @@
 """Read raw records, each tagged with where it came from.
 
-`iter_records(path)` yields `(source, record)` pairs for a .jsonl, .json (top-level array) or
-.parquet file; a record that cannot even be read (a broken JSON line, bytes that are not UTF-8)
+`iter_records(path)` yields `(source, record)` pairs for a JSON Lines, JSON array or parquet file,
+told apart by content, not by suffix (`file_kind`: a JSON array saved as .jsonl is read as an array, JSON
+Lines saved as .json as lines, each with a warning saying what to rename it to); a UTF-8 byte-order mark
+at the start is dropped; a record that cannot even be read (a broken JSON line, bytes that are not UTF-8)
 comes out as `(source, DataError)` so the caller decides whether to raise or skip it. Problems
 with the whole file (missing, empty, a .json that does not parse) are raised here.
 
@@ -11,12 +13,18 @@ Sources are "path:LINE" for .json/.jsonl (1-based line where the record starts) 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 
 from .errors import DataError
 
+logger = logging.getLogger(__name__)
+
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+BOM = b"\xef\xbb\xbf"
+_KIND_SUFFIX = {"jsonl": ".jsonl", "json": ".json", "parquet": ".parquet"}
+_KIND_NAME = {"jsonl": "JSON Lines (one record per line)", "json": "a JSON array", "parquet": "a parquet table"}
 
 
 def data_files_in(folder: str) -> list[str]:
@@ -29,16 +37,54 @@ def data_files_in(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in names]
 
 
+def file_kind(path: str) -> str:
+    """What a data file holds, from its first bytes: "parquet" (PAR1 magic), "json" (a JSON array, or one JSON
+    value spread over several lines), "jsonl" (a JSON object per line); else what its suffix says, or
+    "unknown"."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    text = head.removeprefix(BOM).lstrip(b" \t\r\n")
+    suffix = os.path.splitext(path)[1]
+    first, _, rest = text.partition(b"\n")
+    if text.startswith(b"["):  # a JSON array, unless it is the first of several lines of a .jsonl file
+        return "jsonl" if suffix == ".jsonl" and rest.strip() and _is_json(first) else "json"
+    if text.startswith(b"{"):
+        try:
+            json.loads(first)
+        except ValueError:  # one JSON value over several lines (the array reader names the wrong top level), or
+            try:            # JSON Lines with a broken first line (reported line by line)
+                with open(path, "rb") as f:
+                    json.loads(f.read().removeprefix(BOM))
+                return "json"
+            except ValueError:
+                return "jsonl"
+        whole = len(head) < (1 << 16) and not rest.strip()
+        return "json" if whole and suffix == ".json" else "jsonl"  # one object on one line: as its suffix says
+    return next((k for k, s in _KIND_SUFFIX.items() if s == suffix), "unknown")
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
+
+
 def iter_records(path: str) -> Iterator[tuple[str, object]]:
-    if path.endswith(".jsonl"):
-        yield from _iter_jsonl(path)
-    elif path.endswith(".json"):
-        yield from _iter_json_array(path)
-    elif path.endswith(".parquet"):
-        yield from _iter_parquet(path)
-    else:
+    """(source, record or DataError) for every record of a data file (see the module docstring)."""
+    kind = file_kind(path)
+    if kind == "unknown":
         raise DataError(path, None, "unknown file type", "a .json, .jsonl or .parquet file",
                         kind="unknown_file_type", skippable=False)
+    suffix = os.path.splitext(path)[1]
+    if suffix != _KIND_SUFFIX[kind]:
+        logger.warning("%s holds %s although it is named %s: read as %s (rename it to *%s)", path,
+                       _KIND_NAME[kind], suffix or "without a suffix", _KIND_NAME[kind], _KIND_SUFFIX[kind])
+    reader = {"jsonl": _iter_jsonl, "json": _iter_json_array, "parquet": _iter_parquet}[kind]
+    yield from reader(path)
 
 
 def _no_records(path: str) -> DataError:
@@ -51,12 +97,15 @@ def _iter_jsonl(path: str) -> Iterator[tuple[str, object]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             source = f"{path}:{lineno}"
+            if lineno == 1:
+                raw = raw.removeprefix(BOM)
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 n += 1
                 yield source, DataError(
-                    source, None, f"line is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
+                    source, None, f"line is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                    + _utf16_hint(raw if lineno == 1 else b""),
                     "UTF-8 text (re-encode the file, e.g. iconv -f latin1 -t utf-8)", kind="not_utf8")
                 continue
             if not line.strip():
@@ -73,18 +122,25 @@ def _iter_jsonl(path: str) -> Iterator[tuple[str, object]]:
         raise _no_records(path)
 
 
+def _utf16_hint(start: bytes) -> str:
+    if start.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return ": it starts with a UTF-16 byte-order mark (saved as 'Unicode'); save it as UTF-8"
+    return ""
+
+
 def _line_of(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
 
 
 def _iter_json_array(path: str) -> Iterator[tuple[str, object]]:
     with open(path, "rb") as f:
-        raw = f.read()
+        raw = f.read().removeprefix(BOM)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{line}", None, f"file is not valid UTF-8 (byte 0x{raw[e.start]:02x})",
+        raise DataError(f"{path}:{line}", None, f"file is not valid UTF-8 (byte 0x{raw[e.start]:02x})"
+                        + _utf16_hint(raw),
                         "UTF-8 text (re-encode the file, e.g. iconv -f latin1 -t utf-8)",
                         kind="not_utf8", skippable=False) from None
     if not text.strip():

@@ -23,7 +23,7 @@ import os
 import tempfile
 from collections.abc import Iterable
 
-from .chat import BUILTIN_CHAT_TEMPLATE, ROLE_TOKENS
+from .templates import BUILTIN_CHAT_TEMPLATE, ROLE_TOKENS
 
 SPECIAL = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 MIN_VOCAB = 384  # 256 byte pieces + 4 specials + 3 role tokens + the characters of the corpus

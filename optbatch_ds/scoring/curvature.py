@@ -7,10 +7,32 @@ Reads the optimizer state only through DeepSpeed's public accessor (ZeRO-1/2/3 p
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from optbatch_ds import comm
 from optbatch_ds.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+_warned: set = set()
+_steps_without_state: dict[int, int] = {}
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message)
+
+
+def _note_no_step(optimizer) -> None:
+    """Before the first optimizer step there is no curvature (DESIGN §2: v = 1); still none a call later is worth
+    saying, never silent: selection is running on the raw gradient."""
+    calls = _steps_without_state[id(optimizer)] = _steps_without_state.get(id(optimizer), 0) + 1
+    if calls == 2:
+        _warn_once(f"nostep{id(optimizer)}", f"{type(optimizer).__name__} reports no Adam step yet after {calls} "
+                   "selection steps: the curvature is not available and selection uses the raw output-layer gradient "
+                   "until it is")
 
 
 def curvature_inv_sqrt(engine, eps: float) -> torch.Tensor | None:
@@ -39,6 +61,8 @@ def curvature_inv_sqrt(engine, eps: float) -> torch.Tensor | None:
                           "(an Adam-family optimizer in the DeepSpeed config or passed to deepspeed.initialize)")
     weight = engine.module.get_output_embeddings().weight
     if not weight.requires_grad:
+        _warn_once("frozen", "the output layer is frozen: it has no Adam state, so selection uses the raw "
+                   "output-layer gradient (no curvature normalisation)")
         return None
     state, groups = _adam_state_and_groups(optimizer)
     step, group = _adam_step_and_group(state, groups, weight)
@@ -46,6 +70,7 @@ def curvature_inv_sqrt(engine, eps: float) -> torch.Tensor | None:
     if step == 0:
         # Must be decided before the accessor: under ZeRO-1/2 it raises on the rank that owns the
         # fragment while the others wait in its all-reduce (a hang), and under ZeRO-3 it raises KeyError.
+        _note_no_step(optimizer)
         return None
     key = "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
     # After load_checkpoint, ZeRO-1/2 link the loaded Adam state to the parameters' fragments only
@@ -92,10 +117,15 @@ def _adam_step_and_group(state, groups, weight) -> tuple[int, dict]:
         raise ConfigError("an optimizer param group has no 'betas': curvature_inv_sqrt needs an Adam-family "
                           "optimizer (Adam, AdamW, FusedAdam, DeepSpeedCPUAdam)")
     own = state.get(weight) if hasattr(state, "get") else None
+    holding = [g for g in groups if any(p is weight for p in g["params"])]
     entries = [own] if own else list(state.values())
+    if own and holding:
+        # DeepSpeed's FusedAdam (no ZeRO) counts a group's steps on the state of the last parameter it updated
+        # and applies that count to the whole group; with tied embeddings the output layer is the group's first
+        # parameter and its own count stays 0. The group's largest count is the one its update used.
+        entries = [state[p] for p in holding[0]["params"] if p in state]
     steps = [int(round(float(e["step"]))) for e in entries if "step" in e]
     steps += [int(g["step"]) for g in groups if "step" in g]
-    holding = [g for g in groups if any(p is weight for p in g["params"])]
     if holding:
         return max(steps, default=0), holding[0]
     settings = {(tuple(g.get("betas", ())), bool(g.get("amsgrad", False)), bool(g.get("bias_correction", True)))

@@ -31,12 +31,17 @@ class LmHeadInput:
         self.handle.remove()
 
 
+def feature_size(module, feature: str) -> int:
+    """Length of a sample's feature vector f_i: the vocab rows of lm_head, or the hidden size for "hidden"."""
+    weight = module.get_output_embeddings().weight
+    vocab = (getattr(weight, "ds_shape", None) or weight.shape)[0]  # ZeRO-3: weight.shape is (0,) when partitioned
+    return module.config.hidden_size if feature == "hidden" else vocab
+
+
 def sketch_projection(module, feature: str, sketch_dim: int, seed: int) -> features.SketchProjection | None:
     """R of DESIGN §2 for this model's feature size (vocab rows, or hidden size for the "hidden" ablation);
     None when sketch_dim does not reduce the features (0, or not smaller than their size)."""
-    weight = module.get_output_embeddings().weight
-    vocab = (getattr(weight, "ds_shape", None) or weight.shape)[0]  # ZeRO-3: weight.shape is (0,) when partitioned
-    feat_in = module.config.hidden_size if feature == "hidden" else vocab
+    feat_in = feature_size(module, feature)
     return features.SketchProjection(feat_in, sketch_dim, seed=seed) if 0 < sketch_dim < feat_in else None
 
 
@@ -55,6 +60,7 @@ class Scorer:
     batch_size: int
     pad_id: int
     by_length: bool = False   # score in batches of similar length (less padding); results keep the given order
+    sketch_size: int = 0      # columns of the sketches it returns (k, or the feature size without projection)
 
     @classmethod
     def build(cls, module, optbatch, pad_id: int, micro_batch_size: int) -> "Scorer":
@@ -62,8 +68,10 @@ class Scorer:
         with_features = optbatch.needs_features
         projection = (sketch_projection(module, optbatch.feature, optbatch.sketch_dim, optbatch.seed)
                       if with_features else None)
+        size = (projection.sketch_dim if projection is not None else feature_size(module, optbatch.feature)
+                ) if with_features else 0
         return cls(optbatch.feature, optbatch.vocab_chunk, with_features, projection,
-                   optbatch.score_batch_size or 2 * micro_batch_size, pad_id)
+                   optbatch.score_batch_size or 2 * micro_batch_size, pad_id, sketch_size=size)
 
     @property
     def wants_curvature(self) -> bool:

@@ -111,3 +111,24 @@ def test_scoring_in_length_buckets_returns_the_same_scores_in_order():
     torch.testing.assert_close(got[0], plain[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], plain[1], rtol=1e-4, atol=1e-5)
     assert got[2] == plain[2]
+
+
+def test_stale_store_keeps_unprojected_features():
+    """sketch_dim not below the vocabulary (a small model under a config written for a large one): no projection,
+    the sketches are the features themselves, and the stale store keeps them (farthest-point filling needs them)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    items = _items(12, 40, gen)
+    ob = OptBatchConfig(scoring="stale", signal="loss", feature="grad_raw", sketch_dim=512, strata=2,
+                        within="farthest")
+    sizes = BatchSizes(num_candidates(4, ob.prune_ratio, 1), 4, 4, 1, 1)
+    rt = ob_step.SelectionRuntime.build(model, ob, sizes, 0, lambda: None, 5, 0)
+    rt.attach(len(items))
+    cand = EpochSampler(len(items), seed=0).draw(sizes.candidates)
+    choice = ob_step.choose_batch(rt, _Engine(model, 1), items, cand, 1, ob_step.new_timers())
+    assert choice.sketches.shape == (len(cand), 40) and len(choice.positions) == 4
+    assert rt.scorer.projection is None and rt.store.sketch.shape == (12, 40)
