@@ -124,7 +124,7 @@ def test_jobs_run_concurrently_on_one_rank_each(tmp_path):
 @pytest.mark.parametrize("methods,message", [
     ("random,optbaatch", "'optbaatch' is not a method; did you mean 'optbatch'?"),
     ("random,optbatch:strat=1", "unknown key 'strat'; did you mean 'strata'?"),
-    ("optbatch:within=nearest", "'nearest' is not allowed"),
+    ("optbatch:within=nearest", "'nearest' is not one of farthest, random, top"),
     ("optbatch:strata", "is not key=value"),
 ])
 def test_bad_methods_fail_before_any_run(tmp_path, methods, message):
