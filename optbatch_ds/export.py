@@ -29,8 +29,7 @@ def export_hf(engine, tokenizer, out_dir: str, rank: int, stage3: bool) -> None:
                 state_dict = torch.load(os.path.join(tmp, "consolidated.bin"), map_location="cpu", weights_only=True)
         finally:
             comm.barrier()
-            if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # every rank made its own (only rank 0's holds the file)
     if rank == 0:
         if os.path.isdir(out_dir):
             shutil.rmtree(out_dir)

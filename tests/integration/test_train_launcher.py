@@ -35,6 +35,7 @@ def test_launcher_trains_and_exports(tmp_path, config, method):
     for name in ("final/config.json", "final/model.safetensors", "final/tokenizer.json", "final/generation_config.json",
                  "eval.json", "metrics.jsonl", "selection.jsonl", "config.json", "checkpoints/step_000005/COMPLETE"):
         assert (out / name).exists(), name
+    assert not list(out.glob(".export_*")), "the export's temporary folders are removed on every rank"
     ev = json.load(open(out / "eval.json"))
     assert set(ev) >= {"loss", "tasks"} and set(ev["tasks"]) == {"dialogue", "qa", "translation"}
     for m in ev["tasks"].values():
