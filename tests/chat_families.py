@@ -144,8 +144,8 @@ def family_tokenizer(name: str):
     return char_tokenizer(special, added, eos, bos, template)
 
 
-def supervised_texts(enc, tok) -> list[str]:
-    """The supervised tokens of an Encoded, decoded run by run (control tokens kept)."""
+def supervised_runs(enc) -> list[list[int]]:
+    """The supervised token ids of an Encoded, run by run (each label equals its input id)."""
     runs, cur = [], []
     for i, label in zip(enc.input_ids, enc.labels):
         if label != IGNORE_INDEX:
@@ -154,5 +154,9 @@ def supervised_texts(enc, tok) -> list[str]:
         elif cur:
             runs.append(cur)
             cur = []
-    runs += [cur] if cur else []
-    return [tok.decode(r, skip_special_tokens=False) for r in runs]
+    return runs + ([cur] if cur else [])
+
+
+def supervised_texts(enc, tok) -> list[str]:
+    """The supervised tokens of an Encoded, decoded run by run (control tokens kept)."""
+    return [tok.decode(r, skip_special_tokens=False) for r in supervised_runs(enc)]

@@ -10,6 +10,7 @@ import pytest
 from optbatch_ds.data import (BUILTIN_CHAT_TEMPLATE, IGNORE_INDEX, ChatTemplateError, DataError, EpochSampler,
                               Example, SkipReport, chat_template_of, encode_example, encode_examples, encode_prompt,
                               load_examples, split_for_generation, train_sentencepiece_tokenizer)
+from tests.chat_families import supervised_runs
 
 pytestmark = pytest.mark.unit
 
@@ -270,17 +271,6 @@ def test_all_records_skipped_and_bad_option(tmp_path):
 
 # ------------------------------------------------------------------ chat template + loss mask
 
-def _supervised_runs(enc):
-    runs, cur = [], []
-    for i, l in zip(enc.input_ids, enc.labels):
-        if l != IGNORE_INDEX:
-            assert l == i
-            cur.append(i)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    return runs + ([cur] if cur else [])
-
 
 def test_builtin_template_text(tok):
     assert chat_template_of(tok) == BUILTIN_CHAT_TEMPLATE
@@ -294,7 +284,7 @@ def test_builtin_template_text(tok):
 def test_loss_mask_covers_every_assistant_turn(tok, chatml_tok, which, close):
     t = tok if which == "builtin" else chatml_tok
     enc = encode_example(Example(messages=MULTI), t, max_seq_len=512)
-    runs = _supervised_runs(enc)
+    runs = supervised_runs(enc)
     answers = [m["content"] for m in MULTI if m["role"] == "assistant"]
     assert [t.decode(r).strip() for r in runs] == [a + close for a in answers]
     assert [t.decode(r, skip_special_tokens=True).strip() for r in runs] == answers
