@@ -157,11 +157,11 @@ class Choice(NamedTuple):
 
 
 def pass_curvature(rt: SelectionRuntime, step: int, timers: dict):
-    """This step's curvature for one pass of forwards that compute features. The ema policy's RowCurvature is a
-    fresh one per pass (it collects that pass's row statistics) with the step's scale, so every feature of a step
-    is normalised alike."""
+    """The curvature for one pass of forwards that compute features: the step's (read once per step), except that
+    the ema policy gives each pass a fresh RowCurvature (it collects that pass's row statistics) holding the
+    statistic as it stands, with every earlier pass folded in (local: no collective)."""
     norm = rt.inv_sqrt_v(step, timers)
-    return RowCurvature(norm.scale) if isinstance(norm, RowCurvature) else norm
+    return rt.curvature() if isinstance(norm, RowCurvature) else norm
 
 
 def fold_curvature(rt: SelectionRuntime, norm, timers: dict) -> bool:
