@@ -32,6 +32,23 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def _held_bytes(encoded) -> int:
+    """Bytes the encoded set itself holds: for Python lists every list, Encoded object and distinct int object
+    (sys.getsizeof, shared objects counted once); for the Arrow table its buffers (memory-mapped from the cache
+    file: pages the OS shares between the ranks of a node and can drop)."""
+    if hasattr(encoded, "dataset"):
+        return int(encoded.dataset.data.nbytes)
+    seen, total = set(), 0
+    for enc in encoded:
+        if enc is None:
+            continue
+        for obj in (enc, enc.__dict__, enc.input_ids, enc.labels, *enc.input_ids, *enc.labels):
+            if id(obj) not in seen:
+                seen.add(id(obj))
+                total += sys.getsizeof(obj)
+    return total
+
+
 def _measure(mode: str, data: str, model: str, cache: str, max_seq_len: int) -> dict:
     """One mode, in this process: timings (s), RSS added by the encoded set (bytes), tokens."""
     from optbatch_ds.data import SkipReport, encode_examples, load_examples
@@ -58,9 +75,11 @@ def _measure(mode: str, data: str, model: str, cache: str, max_seq_len: int) -> 
         tokens = int(pc.sum(pc.list_value_length(encoded.dataset.data.column("input_ids"))).as_py())
     t_tok, c_tok = time.perf_counter() - t0, time.process_time() - c0
     added = _rss() - before
+    held = _held_bytes(encoded)
     return {"mode": mode, "records": len(examples), "usable": len(pool), "tokens": tokens, "load_s": round(t_load, 2),
             "tokenize_s": round(t_tok, 2), "tokenize_cpu_s": round(c_tok, 2), "rss_added_mb": round(added / 2**20, 1),
-            "bytes_per_token": round(added / max(tokens, 1), 1)}
+            "rss_bytes_per_token": round(added / max(tokens, 1), 1), "held_mb": round(held / 2**20, 1),
+            "held_bytes_per_token": round(held / max(tokens, 1), 1)}
 
 
 def _prepare(args) -> tuple[str, str]:
@@ -102,12 +121,13 @@ def main(argv=None) -> int:
                               "--model", model, "--out", args.out, "--max-seq-len", str(args.max_seq_len)],
                              check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
-    print("| mode | records | tokens | load records s | tokenize s (wall) | tokenize s (CPU) | RSS added MB | "
-          "bytes / token |")
+    print("| mode | records | tokens | load records s | tokenize s (wall) | tokenize s (CPU) | encoded set MB "
+          "(bytes / token) | RSS added MB (bytes / token) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['records']} | {r['tokens']} | {r['load_s']} | {r['tokenize_s']} | "
-              f"{r['tokenize_cpu_s']} | {r['rss_added_mb']} | {r['bytes_per_token']} |")
+              f"{r['tokenize_cpu_s']} | {r['held_mb']} ({r['held_bytes_per_token']}) | {r['rss_added_mb']} "
+              f"({r['rss_bytes_per_token']}) |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -22,11 +22,12 @@ class ScoringConfig:
                              "keeps pairwise distances within ~12% (tests/unit/test_scoring.py JL test).")
     curvature: str = option("auto", "v of grad_curvature: adam (lm_head's Adam second moment; needs a trained "
                             "lm_head), ema (a running mean of each vocab row's squared per-sample output-layer "
-                            "gradient, from the scoring pass itself: works with a frozen lm_head and sends a V-vector "
+                            "gradient, from the forwards that compute features anyway: works with a frozen lm_head and sends a V-vector "
                             "instead of V x d), none (v = 1), auto (adam when lm_head trains, else ema: LoRA).",
                             choices=CURVATURES)
-    curvature_beta: float = option(0.95, "Decay of the ema curvature per scored pool (bias-corrected like Adam's "
-                                   "beta2; 0.95 averages about the last 20 pools).")
+    curvature_beta: float = option(0.95, "Decay of the ema curvature per pass folded in (a scoring pass; with "
+                                   "scoring stale also each step's training forwards); bias-corrected like Adam's "
+                                   "beta2; 0.95 averages about the last 20 passes.")
     eps: float = option(1e-8, "eps in 1/sqrt(v + eps), the curvature normaliser.")
     vocab_chunk: int = option(4096, "Vocabulary rows per chunk in the feature computation (bounds memory).")
     score_batch_size: int = option(0, "Samples per scoring forward; 0 = 2 x train_micro_batch_size_per_gpu (no "

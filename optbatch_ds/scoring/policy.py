@@ -7,9 +7,10 @@
 
 adam   1 / sqrt(v_hat + eps) of lm_head.weight's Adam state, read through DeepSpeed (scoring.curvature): needs a
        trained lm_head; asking for it with a frozen one is a ConfigError, never a silent fallback.
-ema    m_u <- beta m_u + (1 - beta) mean_i ||G_i[u, :]||^2 / d over each scored pool (all ranks), bias-corrected
-       like Adam's v; the normaliser divides row u by sqrt(m_u + eps). Needs no optimizer state, so it works with a
-       frozen lm_head (LoRA), and under ZeRO-3 the per-step traffic is one V-vector all-reduce instead of
+ema    m_u <- beta m_u + (1 - beta) mean_i ||G_i[u, :]||^2 / d over each pass folded in (all ranks: a scoring
+       pass, and with scoring "stale" each step's training forwards of the kept samples, step.fold_curvature),
+       bias-corrected like Adam's v; the normaliser divides row u by sqrt(m_u + eps). Needs no optimizer state,
+       so it works with a frozen lm_head (LoRA), and under ZeRO-3 the per-step traffic is one V-vector all-reduce instead of
        gathering a V x d state. Its statistic is the per-sample second moment (Adam's v is the minibatch
        gradient's), averaged over the d columns of a row.
 none   v = 1: the raw output-layer gradient (the grad_raw ablation, by another name).
