@@ -161,7 +161,7 @@ def pass_curvature(rt: SelectionRuntime, step: int, timers: dict):
     the ema policy gives each pass a fresh RowCurvature (it collects that pass's row statistics) holding the
     statistic as it stands, with every earlier pass folded in (local: no collective)."""
     norm = rt.inv_sqrt_v(step, timers)
-    return rt.curvature() if isinstance(norm, RowCurvature) else norm
+    return rt.curvature.rows() if isinstance(norm, RowCurvature) else norm
 
 
 def fold_curvature(rt: SelectionRuntime, norm, timers: dict) -> bool:

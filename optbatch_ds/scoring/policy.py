@@ -71,9 +71,14 @@ class CurvaturePolicy:
             return v
         if self.source == "ema":
             self.ready = self.updates > 0
-            return RowCurvature(self.row_scale() if self.ready else None)
+            return self.rows()
         self.ready = False
         return None
+
+    def rows(self) -> RowCurvature:
+        """ema: a fresh RowCurvature for one more pass, with the statistic as it stands now (every earlier pass
+        folded in). Leaves `ready` as the step's first read set it. Local (no collective)."""
+        return RowCurvature(self.row_scale() if self.updates > 0 else None)
 
     def row_scale(self) -> torch.Tensor:
         """1 / sqrt(m_hat + eps), (V,) float32, m_hat = m / (1 - beta ** updates)."""
