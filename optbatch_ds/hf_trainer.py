@@ -137,6 +137,13 @@ class _Rows:
         return _Row(self.dataset[i])
 
 
+def _groups_by_length(args) -> bool:
+    """Whether the TrainingArguments ask for length grouping: `group_by_length` up to transformers 4.x,
+    `train_sampling_strategy="group_by_length"` from 5.x (which dropped the boolean)."""
+    return bool(getattr(args, "group_by_length", False)) or \
+        getattr(args, "train_sampling_strategy", None) == "group_by_length"
+
+
 @dataclass
 class _Run:
     """Built with the train dataloader: the shared step's runtime, the usable rows, the draw stream, the log."""
@@ -200,7 +207,7 @@ class OptBatchMixin:
                     "trained" if output_layer_trains(self.model) else "frozen")
         rt = ob_step.SelectionRuntime.build(self.model, ob, BatchSizes(c, b, micro, accum, world), pad_id,
                                             policy, None, rank)
-        rt.group_by_length = bool(args.group_by_length)  # within each step: the step's samples stay the same
+        rt.group_by_length = _groups_by_length(args)  # within each step: the step's samples stay the same
         rt.attach(len(self.train_dataset))
         resume = getattr(self, "_ob_resume", None)
         if resume and os.path.exists(os.path.join(resume, OPTBATCH_STATE)):
