@@ -205,6 +205,22 @@ def _scripted_eval_body(rank, world, argv):
     return train_body(rank, world, argv)
 
 
+def _small_eval(runs) -> str:
+    """2 held-out records per task of the demo set the run trains on: 7 evaluations of the full held-out split
+    would cost more than the rest of the test, and the losses are scripted anyway."""
+    from optbatch_ds.session import ensure_demo_data
+
+    demo = ensure_demo_data(str(runs / ".optbatch_cache" / "demo_data"))  # where the runs below find it
+    records, per_task = [], {}
+    for record in read_jsonl(demo["eval"]):
+        if per_task.setdefault(record["task"], 0) < 2:
+            per_task[record["task"]] += 1
+            records.append(record)
+    path = runs / "eval_small.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
 @pytest.mark.timeout(1200)
 def test_rotation_keeps_n_plus_the_best_and_export_best(runs):
     """--save-total-limit 2 --eval-every 1 --export best, with evaluations whose best is step 2 of 6: exactly the 2
@@ -212,7 +228,8 @@ def test_rotation_keeps_n_plus_the_best_and_export_best(runs):
     out = runs / "best"
     res = run_distributed(_scripted_eval_body, 2, args=(_argv(out, "--max-steps", "6", "--save-every", "1",
                                                               "--eval-every", "1", "--save-total-limit", "2",
-                                                              "--export", "best"),), timeout=1100)
+                                                              "--export", "best", "--eval-data", _small_eval(runs)),),
+                          timeout=1100)
     assert res[0]["history"] == res[1]["history"]
     history = read_jsonl(out / "eval_history.jsonl")
     assert [(h["step"], h["loss"]) for h in history] == list(SCRIPTED.items())
