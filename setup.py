@@ -26,10 +26,17 @@ setup(
         "accelerate>=0.34",
         "tqdm>=4.66",
         "numpy>=1.24",
+        # LoRA is how most users fine-tune: PEFT is pure Python and never pulls a torch of its own
+        # (QLoRA + ZeRO-3 needs peft > 0.13).
+        "peft>=0.14",
     ],
     extras_require={
         "mpi": ["mpi4py>=3.1", "mpich>=4.1"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.8", "pyarrow>=14"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.8", "pyarrow>=14", "tensorboard>=2.14"],
         "bench": ["matplotlib>=3.8"],
+        "peft": ["peft>=0.14"],                  # kept for `pip install optbatch_ds[peft]`; now a core dependency
+        "trackers": ["tensorboard>=2.14"],       # --report-to tensorboard
+        "wandb": ["wandb>=0.16"],                # --report-to wandb (optional: pulls no torch either)
+        "qlora": ["bitsandbytes>=0.45"],         # --load-in-4bit, CUDA GPUs only
     },
 )

@@ -25,6 +25,7 @@ from optbatch_ds.ds_json import (add_missing_sections, check_no_auto_left, check
                                  model_hidden_size, needs_hidden_size)
 from optbatch_ds.errors import ConfigError, nearest_name
 from optbatch_ds.options import as_float, bad, option
+from optbatch_ds.run_options import ModelOptions, OutputOptions
 from optbatch_ds.scoring.config import FEATURES, ScoringConfig
 from optbatch_ds.selection.config import METHODS, SelectionConfig
 from optbatch_ds.signals import SignalConfig
@@ -125,8 +126,9 @@ class OptBatchConfig(SignalConfig, ScoringConfig, SelectionConfig):
 
 
 @dataclass
-class RunConfig:
-    """Everything about a run that is not DeepSpeed's: where data, model and outputs live. Checked on creation."""
+class RunConfig(OutputOptions, ModelOptions):
+    """Everything about a run that is not DeepSpeed's: where data, model and outputs live, how the model is fitted
+    (`run_options.ModelOptions`) and what the run keeps (`run_options.OutputOptions`). Checked on creation."""
 
     deepspeed: str = option("ds_configs/zero3.json", "Path to the DeepSpeed JSON (with an \"optbatch\" section).")
     model: str | None = option(None, "HF model id or local directory; default: the built-in small Llama.")
@@ -141,6 +143,8 @@ class RunConfig:
                                   f"default {DEFAULT_EPOCHS_DEMO} on the demo data, {DEFAULT_EPOCHS} otherwise.")
     max_steps: int = option(-1, "Stop after this many optimizer steps (-1: run the epochs).")
     max_seq_len: int = option(256, "Token limit per sample; longer samples are truncated (and reported).")
+    dataset_num_proc: int | None = option(None, "Processes that tokenize the data (datasets.map num_proc) on the "
+                                          "first start; later starts read the cached Arrow file. Default: one.")
     seed: int = option(42, "Seed of the data order, model init and selection.")
     resume: str | None = option(None, "'auto' (latest complete checkpoint in output_dir) or a checkpoint path.")
     on_bad_record: str = option("error", "'error' stops at the first bad record; 'skip' counts and reports it.",
@@ -153,7 +157,6 @@ class RunConfig:
     eval_samples_per_task: int = option(0, "Cap on held-out samples per task for generation metrics (0: all).")
     collective_timeout: float = option(600.0, "Seconds before a collective that hangs (dead rank) becomes an error.")
     log_every: int = option(10, "Write a progress line every N steps (0: only the progress bar).")
-    export: bool = option(True, "Write the Hugging Face export to output_dir/final at the end.")
     group_by_length: bool = option(True, "Deal each step's selected samples to ranks and micro-batches by length, so "
                                    "little compute goes to padding (the step's samples, weights and gradient stay "
                                    "the same; unlike transformers' flag it never moves a sample to another step).")
@@ -176,6 +179,8 @@ class RunConfig:
             raise ConfigError(f"--max-seq-len {self.max_seq_len} is too small (at least 8)")
         if self.epochs is not None and self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("--epochs must be > 0 (or give --max-steps)")
+        self.check_model_options()
+        self.check_output_options()
 
 
 # ---------------------------------------------------------------------------- command line
@@ -192,22 +197,38 @@ def _flag_type(f: dataclasses.Field):
     return {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
 
 
+def _flag_kwargs(f: dataclasses.Field) -> dict[str, Any]:
+    """argparse keywords of a field: --flag / --no-flag for booleans, several words for tuples, `choices` for
+    keys with a "none" value whose --no-flag spelling sets it (--no-export = --export none)."""
+    kw: dict[str, Any] = {"help": f.metadata["help"], "default": None, "dest": f.name}
+    kind = str(f.type).split(" ")[0]
+    if kind in ("bool", "<class 'bool'>"):
+        kw["action"] = argparse.BooleanOptionalAction
+    elif kind.startswith("tuple["):
+        kw["nargs"] = "+"
+    else:
+        kw["type"] = _flag_type(f)
+    return kw
+
+
 def build_arg_parser(description: str = "Instruction-tune a causal LM with DeepSpeed and OptBatch selection.",
                      names: tuple[str, ...] | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     """A parser with one flag per RunConfig field (or the fields in `names`), generated from their metadata:
-    --max-seq-len for max_seq_len, --flag / --no-flag for booleans. Defaults are None: a flag not given
-    keeps the dataclass default."""
+    --max-seq-len for max_seq_len, --flag / --no-flag for booleans, --flag a b for tuples, and --no-flag for
+    a choice that includes "none". Defaults are None: a flag not given keeps the dataclass default. RunConfig's
+    own flags are listed first, then the model and output groups it inherits."""
     p = Parser(description=description, allow_abbrev=False, prog=prog, epilog=formats_help(),
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(RunConfig):
+    own = RunConfig.__dataclass_fields__.keys() - ModelOptions.__dataclass_fields__.keys() \
+        - OutputOptions.__dataclass_fields__.keys()
+    for f in sorted(fields(RunConfig), key=lambda f: f.name not in own):
         if names is not None and f.name not in names:
             continue
-        kw: dict[str, Any] = {"help": f.metadata["help"], "default": None, "dest": f.name}
-        if f.type in ("bool", bool):
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = _flag_type(f)
-        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+        flag = "--" + f.name.replace("_", "-")
+        p.add_argument(flag, **_flag_kwargs(f))
+        if "none" in (f.metadata.get("choices") or ()) and f.type not in ("bool", bool):
+            p.add_argument("--no-" + flag[2:], action="store_const", const="none", dest=f.name,
+                           help=f"Same as {flag} none.")
     p.add_argument("--local_rank", "--local-rank", type=int, default=-1, dest="local_rank",
                    help="Set by the deepspeed launcher; ignored otherwise.")
     return p

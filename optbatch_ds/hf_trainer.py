@@ -22,9 +22,13 @@ size and c = ceil(b / (1 - prune_ratio)) rounded to a multiple of the world size
   1. draw c dataset indices from `EpochSampler(len(usable rows), seed=args.data_seed or args.seed)`;
   2. each rank scores its c / W slice with the model being trained (`step.choose_batch`, the step
      launch/train.py runs too: no graph,
-     loss + curvature-normalised output-layer features + sketch). The curvature is Adam's bias-corrected
-     second moment of lm_head.weight (`scoring.curvature_inv_sqrt`): from the DeepSpeed engine
-     (`self.model_wrapped`) under DeepSpeed, from the torch optimizer's state otherwise;
+     loss + curvature-normalised output-layer features + sketch). The curvature follows the "curvature" key
+     (`scoring.CurvaturePolicy`): adam is Adam's bias-corrected second moment of lm_head.weight
+     (`scoring.curvature_inv_sqrt`: from the DeepSpeed engine (`self.model_wrapped`) under DeepSpeed, from the
+     torch optimizer's state otherwise); ema a running row statistic of the forwards that compute features
+     (scoring passes, and the training forwards under scoring stale), which a PEFT model with a frozen lm_head
+     gets under "auto" (adam with a frozen lm_head is a ConfigError). The statistic is saved in each Trainer
+     checkpoint (optbatch_state.pt) with the selection's per-sample state;
   3. gather to rank 0, which runs `Selector` (selector step = global step + 1); broadcast; agreement check;
   4. rank r trains on its b / W share, split into gradient_accumulation_steps micro-batches.
 
@@ -65,7 +69,7 @@ from optbatch_ds.batching import collate, per_sample_nll
 from optbatch_ds.config import BatchSizes, ConfigError, OptBatchConfig, num_candidates
 from optbatch_ds.data import EpochSampler
 from optbatch_ds.runlog import SELECTION, RunLog, selection_line
-from optbatch_ds.scoring import LmHeadInput, curvature_inv_sqrt
+from optbatch_ds.scoring import CurvaturePolicy, LmHeadInput, curvature_inv_sqrt, output_layer_trains
 
 logger = logging.getLogger(__name__)
 OPTBATCH_STATE = "optbatch_state.pt"  # in each Trainer checkpoint folder: the selection's per-sample state
@@ -134,11 +138,10 @@ class _Rows:
 
 
 def _groups_by_length(args) -> bool:
-    """transformers' length grouping: `group_by_length` up to 4.x, `train_sampling_strategy="group_by_length"`
-    from 5.0. Here it deals each step's selected samples by length (the step's set stays the same)."""
-    if getattr(args, "train_sampling_strategy", None) == "group_by_length":
-        return True
-    return bool(getattr(args, "group_by_length", False))
+    """Whether the TrainingArguments ask for length grouping: `group_by_length` up to transformers 4.x,
+    `train_sampling_strategy="group_by_length"` from 5.x (which dropped the boolean)."""
+    return bool(getattr(args, "group_by_length", False)) or \
+        getattr(args, "train_sampling_strategy", None) == "group_by_length"
 
 
 @dataclass
@@ -154,6 +157,7 @@ class _Run:
     log_checked: bool = False
     measured: list | None = None   # scoring stale: this step's (ids, losses, sketches) from compute_loss
     dealt: list | None = None      # the step's samples in rank order (what the measurements are gathered in)
+    train_curvature: object = None  # scoring stale: the curvature of this step's training forwards (ema: their stats)
 
 
 class OptBatchMixin:
@@ -197,13 +201,18 @@ class OptBatchMixin:
                            "left out of the pool", excluded, len(pool) + excluded)
         pad_id = getattr(self.processing_class, "pad_token_id", None)
         pad_id = 0 if pad_id is None else pad_id  # right padding is masked: any id will do
+        # the "curvature" key, resolved on the model as given (a PEFT model with a frozen lm_head: ema under auto)
+        policy = CurvaturePolicy.build(ob, self.model, adam=self._curvature)
+        logger.info("optbatch: curvature %s (lm_head %s)", policy.source,
+                    "trained" if output_layer_trains(self.model) else "frozen")
         rt = ob_step.SelectionRuntime.build(self.model, ob, BatchSizes(c, b, micro, accum, world), pad_id,
-                                            self._curvature, None, rank)
+                                            policy, None, rank)
         rt.group_by_length = _groups_by_length(args)  # within each step: the step's samples stay the same
         rt.attach(len(self.train_dataset))
         resume = getattr(self, "_ob_resume", None)
         if resume and os.path.exists(os.path.join(resume, OPTBATCH_STATE)):
-            rt.load_state_dict(torch.load(os.path.join(resume, OPTBATCH_STATE), weights_only=False))
+            for warning in rt.load_state_dict(torch.load(os.path.join(resume, OPTBATCH_STATE), weights_only=False)):
+                logger.warning("optbatch: %s", warning)
         return _Run(rt, pool, args.data_seed if args.data_seed is not None else args.seed,
                     RunLog(args.output_dir, rank))
 
@@ -298,6 +307,8 @@ class OptBatchMixin:
         run = self._ob
         if not run.measured:
             return
+        ob_step.fold_curvature(run.rt, run.train_curvature, timers)  # ema: the training forwards' row statistics
+        run.train_curvature = None
         losses = torch.cat([m[0] for m in run.measured])
         sketches = torch.cat([m[1] for m in run.measured]) if run.measured[0][1] is not None else None
         ob_step.record_training(run.rt, run.dealt, ob_step.Trained(0.0, 0, 0, losses, sketches), step, timers)
@@ -312,14 +323,18 @@ class OptBatchMixin:
                                  "select_seconds": timers["select"]})
         if self._ob_record:
             entry = {"step": step, "candidates": cand, "selected": selected, "weights": choice.weights.tolist(),
-                     "info": info, "curvature": choice.curvature}
+                     "info": info, "curvature": choice.curvature, "curvature_source": run.rt.curvature.source}
             if run.rt.rank == 0:
                 entry.update(losses=choice.losses, sketches=choice.sketches)
             self.optbatch_history.append(entry)
         if not run.log_checked:  # a resumed run: drop the lines past the resumed step (a crashed tail)
             run.log_checked = True
             run.log.resume_at(step - 1, names=(SELECTION,))
-        run.log.append(SELECTION, selection_line(step, cand, selected, choice.weights, info, choice.losses))
+        line = selection_line(step, cand, selected, choice.weights, info, choice.losses)
+        if run.rt.scorer.wants_curvature:  # the source of this step's curvature, as launch/train.py logs it
+            ready = bool(choice.curvature) or bool(getattr(run.rt.curvature, "ready", False))
+            line.update(curvature=run.rt.curvature.source, curvature_ready=ready)
+        run.log.append(SELECTION, line)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -336,7 +351,8 @@ class OptBatchMixin:
     def _save_checkpoint(self, model, trial):
         """The Trainer's checkpoint plus the selection's per-sample state (rank 0's store; every rank's flags)."""
         super()._save_checkpoint(model, trial)
-        if self._ob is not None and self._ob.rt.measured is not None and self.args.should_save:
+        if self._ob is not None and self.args.should_save and (self._ob.rt.measured is not None or
+                                                               self._ob.rt.curvature.source == "ema"):
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
@@ -354,8 +370,10 @@ class OptBatchMixin:
                 capture.remove()
             with torch.no_grad():
                 run = self._ob
-                inv = run.rt.inv_sqrt_v(self.state.global_step + 1, {"curvature": 0.0})
-                l, f = run.rt.scorer.signals(capture.value.detach(), outputs.logits.detach(), inputs["labels"], inv)
+                if run.train_curvature is None:  # once per step, on every rank (collective for adam)
+                    run.train_curvature = ob_step.pass_curvature(run.rt, self.state.global_step + 1, {"curvature": 0.0})
+                l, f = run.rt.scorer.signals(capture.value.detach(), outputs.logits.detach(), inputs["labels"],
+                                             run.train_curvature)
             run.measured.append((l.float().cpu(), f.float().cpu() if f is not None else None))
             return (loss, outputs) if return_outputs else loss
         return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)

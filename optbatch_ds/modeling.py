@@ -7,6 +7,7 @@ HF model directory in a cache beside the output, and from then on loaded like a 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -17,6 +18,9 @@ import tempfile
 import torch
 
 from optbatch_ds.errors import ConfigError
+from optbatch_ds.run_options import ModelOptions
+
+logger = logging.getLogger(__name__)
 
 logger = logging.getLogger(__name__)
 
@@ -141,18 +145,68 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template: st
     return tok
 
 
-def load_model(path: str, ds_config: dict, trust_remote_code: bool = False):
-    """Load a causal LM for DeepSpeed. Under ZeRO-3 the weights are partitioned while loading
-    (HfDeepSpeedConfig must stay alive, so it is returned with the model)."""
+def training_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype DeepSpeed trains in: bf16 or fp16 when the (resolved) config enables it, else fp32."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    return torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32
+
+
+def check_environment(options: ModelOptions, accelerator: str) -> None:
+    """What the machine must offer for these flags, checked before anything loads (ConfigError, one line each):
+    flash-attn for flash_attention_2, a CUDA GPU and bitsandbytes for --load-in-4bit, peft for --use-peft."""
+    if options.attn_implementation == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("--attn-implementation flash_attention_2 needs the flash-attn package (pip install "
+                              "flash-attn --no-build-isolation); --attn-implementation sdpa needs nothing extra")
+        if accelerator == "cpu":
+            raise ConfigError("--attn-implementation flash_attention_2 runs on CUDA GPUs only; use sdpa on CPU")
+    if options.load_in_4bit:
+        if accelerator != "cuda" or not torch.cuda.is_available():
+            raise ConfigError("--load-in-4bit (QLoRA) quantizes with bitsandbytes on CUDA GPUs only; on this "
+                              f"{accelerator} machine train LoRA on the unquantized base (--use-peft without it)")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes")
+    if options.use_peft and importlib.util.find_spec("peft") is None:
+        raise ConfigError("--use-peft needs PEFT: pip install -e \".[peft]\" (or pip install peft)")
+
+
+def _from_pretrained_kwargs(ds_config: dict, options: ModelOptions | None) -> dict:
+    """dtype, attention kernel and (QLoRA) quantization settings for `from_pretrained`."""
+    dtype = training_dtype(ds_config)
+    kwargs: dict = {"dtype": dtype}
+    if options is None:
+        return kwargs
+    if options.attn_implementation != "auto":
+        kwargs["attn_implementation"] = options.attn_implementation
+    if options.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        compute = dtype if dtype != torch.float32 else torch.bfloat16
+        # Under ZeRO-3 the packed 4-bit weights are stored in the training dtype, so DeepSpeed can partition
+        # them like any other parameter (PEFT's "QLoRA with ZeRO-3" recipe: quant storage = model dtype).
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)
+        kwargs["dtype"] = compute
+        if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+            kwargs["device_map"] = {"": torch.cuda.current_device()}  # ZeRO-0/1/2: quantize straight onto this GPU
+    return kwargs
+
+
+def load_model(path: str, ds_config: dict, trust_remote_code: bool = False, options: ModelOptions | None = None):
+    """Load a causal LM for DeepSpeed, with the attention kernel, 4-bit quantization and activation checkpointing
+    that `options` ask for (None: the model as saved). Under ZeRO-3 the weights are partitioned while loading
+    (HfDeepSpeedConfig must stay alive, so it is returned with the model: (model, keep_alive)).
+    Raises ConfigError for a path that holds no loadable model or a model without an lm_head."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else (
-        torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
     keep_alive = HfDeepSpeedConfig(ds_config) if stage == 3 else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                     **_from_pretrained_kwargs(ds_config, options))
     except _LOAD_ERRORS as exc:
         raise ConfigError(f"could not load a causal LM from '{path}': {exc}. Pass a local HF model directory; "
                          f"add --trust-remote-code for models with custom code (ChatGLM).") from exc
@@ -160,6 +214,44 @@ def load_model(path: str, ds_config: dict, trust_remote_code: bool = False):
         raise ConfigError(f"model at '{path}' has no output embedding layer (lm_head); OptBatch scores "
                          f"samples through it, so a causal LM with an lm_head is required")
     return model, keep_alive
+
+
+def zero3_fixes_frozen_recompute() -> bool:
+    """Whether this DeepSpeed keeps frozen ZeRO-3 parameters gathered while a non-reentrant checkpoint recomputes
+    (deepspeedai/DeepSpeed#8148); older versions fail in the backward with torch's CheckpointError (shape [0])."""
+    try:
+        from deepspeed.runtime.zero import partitioned_param_coordinator as coordinator
+    except ImportError:
+        return False
+    return hasattr(coordinator, "update_recompute_parameters")
+
+
+def enable_gradient_checkpointing(model, frozen_under_zero3: bool) -> bool:
+    """transformers' activation checkpointing (`gradient_checkpointing_enable`, called `activation_checkpointing_enable`
+    since transformers 5), non-reentrant (`use_reentrant=False`), on the training forward only
+    (it is off in eval mode and under no_grad, so scoring forwards never recompute). Returns use_reentrant.
+
+    With frozen parameters under ZeRO-3 (LoRA) and a DeepSpeed without the recompute fix, falls back to reentrant
+    checkpointing with a warning, as TRL does: non-reentrant would fail in the first backward there."""
+    reentrant = frozen_under_zero3 and not zero3_fixes_frozen_recompute()
+    if reentrant:
+        logger.warning("this DeepSpeed partitions frozen ZeRO-3 parameters during a checkpoint recompute "
+                       "(deepspeedai/DeepSpeed#8148): using reentrant activation checkpointing; upgrade DeepSpeed "
+                       "for the non-reentrant kind")
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name for the same switch
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if reentrant:
+        model.enable_input_require_grads()  # reentrant checkpoints pass gradients only to inputs that need them
+    return reentrant
+
+
+def attention_in_use(model) -> str:
+    """The attention kernel the loaded model runs ("sdpa", "eager", "flash_attention_2", ...)."""
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_attn_implementation", None) or getattr(config, "attn_implementation", "eager"))
 
 
 def check_vocab(tokenizer, model, path: str) -> None:

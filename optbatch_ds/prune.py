@@ -45,7 +45,7 @@ from optbatch_ds.comm import log0
 from optbatch_ds.config import ConfigError, Resolved, RunConfig, build_arg_parser as _run_flags, parse_known
 from optbatch_ds.data import EpochSampler
 from optbatch_ds.data.readers import BOM
-from optbatch_ds.scoring import curvature_inv_sqrt
+from optbatch_ds.scoring import CurvaturePolicy, curvature_inv_sqrt
 from optbatch_ds.selection import Selector
 from optbatch_ds.signals import SignalContext, reference_losses, signal_values
 from optbatch_ds.session import Prepared, build_engine, prepare_data_and_model, resolve_here, seed_everything
@@ -348,7 +348,7 @@ def select_dataset(job: Job, local_rank: int) -> dict | None:
     if job.warmup_steps == 0:
         run = dataclasses.replace(run, max_steps=1)  # nothing is trained: the LR schedule is moot
     rs = resolve_here(run, job.world, num_train_samples=len(prep.pool))
-    engine, _, _keep_alive = build_engine(prep, rs)
+    engine, _, _keep_alive, _ = build_engine(prep, rs)
     times["setup"] = time.perf_counter() - t0
     ob = rs.optbatch
     log0(f"optbatch_ds select | world {job.world} | model {prep.model_path} | {len(prep.pool)} samples | method "
@@ -360,9 +360,11 @@ def select_dataset(job: Job, local_rank: int) -> dict | None:
         warm_loss = _warm_up(engine, prep, rs, job)
         times["warmup"] = time.perf_counter() - t0
         log0(f"warm-up | {job.warmup_steps} steps | last loss {warm_loss:.4f} | {times['warmup']:.1f}s")
-    # every pool is scored at "step 0": the runtime reads the curvature once (no training happens meanwhile)
-    rt = ob_step.SelectionRuntime.build(engine.module, ob, rs.sizes, prep.tokenizer.pad_token_id,
-                                        lambda: curvature_inv_sqrt(engine, ob.eps), None, job.rank)
+    # every pool is scored at "step 0": the runtime reads Adam's curvature once (no training happens meanwhile);
+    # ema's statistic grows pool by pool. The "curvature" key resolved on the model (LoRA: ema under auto)
+    curvature = CurvaturePolicy.build(ob, engine.module, adam=lambda: curvature_inv_sqrt(engine, ob.eps))
+    rt = ob_step.SelectionRuntime.build(engine.module, ob, rs.sizes, prep.tokenizer.pad_token_id, curvature, None,
+                                        job.rank)
     rt.attach(len(prep.encoded), reference_losses(ob, prep.examples)[0])
     per_example, pool_info = _score_pools(rt, engine, prep, job, times)
     summary = None

@@ -146,18 +146,17 @@ def _score(recipe, examples: list, max_seq_len: int) -> tuple[list[float], int]:
 
 def _train_and_score(job: ReferenceJob, name: str, train_file: str, targets: list, model: str, ctx: tuple) -> dict:
     """One reference model: train it with the package's recipe (method full), score `targets`. Collective."""
-    from optbatch_ds.trainer import Recipe, fit
+    from optbatch_ds.trainer import Recipe
 
     rank, world, local_rank = ctx
     # a built-in reference model starts from scratch: it wants the small model's rate, not a fine-tuning one
     lr = job.run.learning_rate or (DEFAULT_LR_SMALL_MODEL if job.run.model is None else None)
     run = dataclasses.replace(job.run, model=model, data=train_file, eval_data=None, method="full", prune_ratio=None,
                               epochs=job.epochs, max_steps=-1, output_dir=os.path.join(job.output, f"ref_{name}"),
-                              export=False, log_every=0, resume=None, learning_rate=lr)
+                              export="none", log_every=0, resume=None, learning_rate=lr)
     t0 = time.perf_counter()
     recipe = Recipe.setup(run, rank, world, local_rank)
-    fit(recipe)
-    recipe.finish(0)
+    recipe.loop()  # the steps, then the last checkpoint and evaluation (no export)
     train_wall = time.perf_counter() - t0
     t0 = time.perf_counter()
     losses, tokens = _score(recipe, targets, job.run.max_seq_len)

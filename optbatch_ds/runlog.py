@@ -1,9 +1,12 @@
 """The files of a run directory, written by rank 0 through one object (a no-op on every other rank).
 
-    log = RunLog(out_dir, rank)
+    log = RunLog(out_dir, rank, tracker=tracking.Tracker.build(...))   # tracker optional (--report-to)
     log.resume_at(step)                        # drop lines past the resumed step (a crashed run's tail)
     log.step(record, selection_line(...))      # metrics.jsonl + selection.jsonl, one line each per step
     log.evaluation(result, final=True)         # eval_history.jsonl (+ eval.json at the end)
+    log.end()                                  # the tracker's last flush
+
+The files are the source of truth; a tracker (tensorboard, wandb) gets the same numbers as they are written.
 
 Shared by launch/train.py's recipe and the Hugging Face Trainer integration, so both write the same
 line formats; bench and analysis read them back.
@@ -36,9 +39,10 @@ def selection_line(step: int, candidates: list, selected: list, weights: torch.T
 class RunLog:
     """Rank 0 writes, other ranks do nothing: call sites never branch on the rank."""
 
-    def __init__(self, out_dir: str, rank: int):
+    def __init__(self, out_dir: str, rank: int, tracker=None):
         self.out = out_dir
         self.active = rank == 0
+        self.tracker = tracker if self.active else None   # a tracking.Tracker, or None
         self._progress = None
         self._log_every = 0
 
@@ -75,6 +79,8 @@ class RunLog:
         self.append(METRICS, record)
         if selection is not None:
             self.append(SELECTION, selection)
+        if self.tracker is not None:
+            self.tracker.log_step(record)
         if self._progress is not None:
             self._progress.update(1)
             self._progress.set_postfix_str(f"loss {record['loss']:.4f} | {record['tokens_per_s']:.0f} tok/s",
@@ -89,6 +95,8 @@ class RunLog:
         if final:
             self.write_json(EVAL, result)
         self.append(EVAL_HISTORY, {k: v for k, v in result.items() if k != "samples"})
+        if self.tracker is not None:
+            self.tracker.log_eval(result)
 
     def start_progress(self, total: int, initial: int, log_every: int) -> None:
         if self.active:
@@ -98,9 +106,16 @@ class RunLog:
             self._log_every = log_every
 
     def close(self) -> None:
+        """The progress bar ends (the run's files stay open for the final evaluation)."""
         if self._progress is not None:
             self._progress.close()
             self._progress = None
+
+    def end(self) -> None:
+        """The tracker's last flush (after the final evaluation)."""
+        if self.tracker is not None:
+            self.tracker.finish()
+            self.tracker = None
 
 
 def step_line(record: dict) -> str:

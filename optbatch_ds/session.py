@@ -4,7 +4,7 @@ seeds, data, tokenizer and model, the resolved config, the engine. Collective wh
     seed_everything(run.seed)
     prep = prepare_data_and_model(run, local_rank, out)          # local rank 0 of each node builds, others read
     rs = resolve_here(run, world, num_train_samples=len(prep.pool))
-    engine, n_params, keep_alive = build_engine(prep, rs)
+    engine, n_params, keep_alive, info = build_engine(prep, rs)      # info: attention, checkpointing, LoRA
 """
 from __future__ import annotations
 
@@ -13,15 +13,19 @@ import random
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from optbatch_ds import comm
 from optbatch_ds.config import Resolved, RunConfig, resolve
-from optbatch_ds.data import DataError, SkipReport, encode_examples, load_examples
+from optbatch_ds.data import DataError, SkipReport, load_examples
+from optbatch_ds.data.cache import EncodedTable, encode_cached
 from optbatch_ds.data.demo import make_demo_data
-from optbatch_ds.modeling import build_default_model, cache_root, check_vocab, load_model, load_tokenizer
+from optbatch_ds.adapters import wrap_lora
+from optbatch_ds.modeling import (attention_in_use, build_default_model, cache_root, check_vocab,
+                                  enable_gradient_checkpointing, load_model, load_tokenizer)
 
 
 @dataclass
@@ -30,8 +34,8 @@ class Prepared:
 
     examples: list            # training Examples, in file order
     eval_examples: list       # held-out Examples ([] without held-out data)
-    encoded: list             # Encoded per training Example (None = skipped)
-    eval_encoded: list
+    encoded: EncodedTable     # Encoded per training Example (None = skipped), Arrow-backed (data.cache)
+    eval_encoded: EncodedTable | list
     pool: list[int]           # indices into `encoded` of the usable training samples: the sampler's range
     tokenizer: object
     model_path: str
@@ -80,9 +84,12 @@ def _prepare(run: RunConfig, out: str) -> Prepared:
         texts = [m["content"] for e in examples for m in e.messages]
         model_path = build_default_model(texts, cache, seed=run.seed)
     tokenizer = load_tokenizer(model_path, run.trust_remote_code, run.chat_template)
-    encoded = encode_examples(examples, tokenizer, run.max_seq_len, run.on_bad_record, report)
-    eval_encoded = encode_examples(eval_examples, tokenizer, run.max_seq_len, "skip", report) if eval_examples else []
-    pool = [i for i, e in enumerate(encoded) if e is not None and e.n_supervised > 0]
+    tokenized = os.path.join(cache, "tokenized")  # Arrow files keyed by data + tokenizer + max_seq_len
+    encoded = encode_cached(examples, tokenizer, run.max_seq_len, run.on_bad_record, report, tokenized,
+                            run.dataset_num_proc)
+    eval_encoded = (encode_cached(eval_examples, tokenizer, run.max_seq_len, "skip", report, tokenized,
+                                  run.dataset_num_proc) if eval_examples else [])
+    pool = encoded.usable()
     if not pool:
         raise DataError(train_spec, None, f"no usable training sample (see {out}/bad_records.json)",
                         "at least one record with a supervised token", kind="no_records", skippable=False)
@@ -92,8 +99,8 @@ def _prepare(run: RunConfig, out: str) -> Prepared:
 
 def prepare_data_and_model(run: RunConfig, local_rank: int, out: str) -> Prepared:
     """Load (or generate) the data, build or locate the model directory, tokenize. Collective: local rank 0 of
-    each node goes first (it builds the default model and the demo data into the cache `out` shares), the others
-    wait, then read them."""
+    each node goes first (it builds the default model, the demo data and the tokenized Arrow files into the cache
+    `out` shares), the others wait, then read them (a tokenization cache hit: nothing is tokenized twice)."""
     if local_rank == 0:
         prep = _prepare(run, out)
     comm.barrier()
@@ -113,13 +120,50 @@ def resolve_here(run: RunConfig, world: int, num_train_samples: int | None = Non
                    fp16_supported=bool(getattr(accel, "is_fp16_supported", lambda: False)()))
 
 
-def build_engine(prep: Prepared, rs: Resolved):
-    """(DeepSpeed engine, parameter count, objects to keep alive) for the prepared model under the resolved config."""
+class Engine(NamedTuple):
+    """What `build_engine` returns: the DeepSpeed engine, its parameter count (all, frozen included), objects to keep
+    alive while it lives (HfDeepSpeedConfig under ZeRO-3), and how the model was fitted (`model_info`)."""
+
+    engine: object
+    n_params: int
+    keep_alive: object
+    info: dict
+
+
+def fit_model(model, rs: Resolved) -> tuple[object, dict]:
+    """Activation checkpointing and LoRA as the run's flags ask, before `deepspeed.initialize` (ZeRO-3 included).
+    Returns (model, {"attn_implementation", "gradient_checkpointing", "use_reentrant", "peft", "trainable_params"})."""
+    opts = rs.run
+    info = {"attn_implementation": attention_in_use(model), "gradient_checkpointing": bool(opts.gradient_checkpointing),
+            "use_reentrant": None, "peft": None}
+    if opts.load_in_4bit and rs.zero_stage != 3:
+        from peft import prepare_model_for_kbit_training
+
+        # fp32 norms and input gradients for a 4-bit base; under ZeRO-3 (sharded QLoRA) TRL skips this too
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(opts.gradient_checkpointing),
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        info["use_reentrant"] = False if opts.gradient_checkpointing else None
+    elif opts.gradient_checkpointing:
+        info["use_reentrant"] = enable_gradient_checkpointing(model, opts.use_peft and rs.zero_stage == 3)
+    if opts.use_peft:
+        model = wrap_lora(model, opts)
+        info["peft"] = {"method": "lora", "r": opts.lora_r, "alpha": opts.lora_alpha, "dropout": opts.lora_dropout,
+                        "target_modules": list(opts.lora_target_modules),
+                        "modules_to_save": list(opts.lora_modules_to_save or []), "load_in_4bit": opts.load_in_4bit}
+    info["trainable_params"] = int(sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()
+                                       if p.requires_grad))
+    return model, info
+
+
+def build_engine(prep: Prepared, rs: Resolved) -> Engine:
+    """The DeepSpeed engine for the prepared model under the resolved config: loaded with the run's attention kernel
+    and quantization, checkpointing and LoRA applied, then `deepspeed.initialize` on the trainable parameters."""
     import deepspeed
 
-    model, keep_alive = load_model(prep.model_path, rs.ds, rs.run.trust_remote_code)
+    model, keep_alive = load_model(prep.model_path, rs.ds, rs.run.trust_remote_code, options=rs.run)
     check_vocab(prep.tokenizer, model, prep.model_path)
+    model, info = fit_model(model, rs)
     engine, _, _, _ = deepspeed.initialize(model=model, config=rs.ds,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad])
     n_params = int(sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()))
-    return engine, n_params, keep_alive
+    return Engine(engine, n_params, keep_alive, info)

@@ -28,6 +28,7 @@ import torch
 from optbatch_ds import batching, comm
 from optbatch_ds.batching import deal_by_length, padded_shard
 from optbatch_ds.config import BatchSizes, OptBatchConfig
+from optbatch_ds.scoring.features import RowCurvature
 from optbatch_ds.scoring.forward import LmHeadInput, Scorer
 from optbatch_ds.selection import Selector, mean_nn_distance, step_generator
 from optbatch_ds.signals import SampleStore, SignalContext, signal_values
@@ -59,8 +60,9 @@ def new_timers() -> dict[str, float]:
 class SelectionRuntime:
     """What the OptBatch step needs that does not change between steps (built once per run, every rank).
 
-    curvature: a collective callable returning 1 / sqrt(v_hat + eps), (V, d), or None (no Adam state yet);
-    read at most once per step (`inv_sqrt_v`), and only when the features need it.
+    curvature: a collective callable returning 1 / sqrt(v_hat + eps), (V, d), or None (no Adam state yet), or a
+    `scoring.CurvaturePolicy` (which may also return a RowCurvature: the ema policy, fed by every forward that
+    computes features); read at most once per step (`inv_sqrt_v`), and only when the features need it.
     reference: the reference loss of every dataset index (signal reducible), NaN filled; rank 0 only.
     store: recorded losses and sketches per dataset index (scoring stale); rank 0 only.
     measured: per dataset index, whether the store holds a value; identical on every rank (each rank knows
@@ -114,15 +116,21 @@ class SelectionRuntime:
         return self._curvature_step[1]
 
     def state_dict(self) -> dict:
-        """What resume needs beyond the selector (a pure function of seed and step): the store and flags."""
+        """What resume needs beyond the selector (a pure function of seed and step): the store and flags, and the
+        curvature policy's running statistic (ema)."""
+        curvature = self.curvature.state_dict() if hasattr(self.curvature, "state_dict") else None
         return {"store": self.store.state_dict() if self.store is not None else None,
-                "measured": self.measured}
+                "measured": self.measured, "curvature": curvature}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> list[str]:
+        """Restore `state_dict()`; returns warnings (a checkpoint written with another curvature source)."""
         if self.store is not None and state.get("store") is not None:
             self.store.load_state_dict(state["store"])
         if self.measured is not None and state.get("measured") is not None:
             self.measured = state["measured"]
+        if hasattr(self.curvature, "load_state_dict"):
+            return self.curvature.load_state_dict(state.get("curvature"))
+        return []
 
 
 class Scores(NamedTuple):
@@ -148,16 +156,36 @@ class Choice(NamedTuple):
     strata: torch.Tensor | None = None  # each candidate's stratum (-1: none), rank 0 only
 
 
+def pass_curvature(rt: SelectionRuntime, step: int, timers: dict):
+    """The curvature for one pass of forwards that compute features: the step's (read once per step), except that
+    the ema policy gives each pass a fresh RowCurvature (it collects that pass's row statistics) holding the
+    statistic as it stands, with every earlier pass folded in (local: no collective)."""
+    norm = rt.inv_sqrt_v(step, timers)
+    return rt.curvature.rows() if isinstance(norm, RowCurvature) else norm
+
+
+def fold_curvature(rt: SelectionRuntime, norm, timers: dict) -> bool:
+    """After a pass: the ema policy folds its row statistics in (collective: every rank calls it after the same
+    pass). Returns whether the pass's features were curvature-normalised."""
+    if not isinstance(norm, RowCurvature):
+        return norm is not None
+    t0 = time.perf_counter()
+    rt.curvature.after_scoring(norm)
+    timers["curvature"] += time.perf_counter() - t0
+    return norm.scale is not None
+
+
 def score_and_gather(rt: SelectionRuntime, engine, items: list, timers: dict, step: int = 0) -> Scores:
     """Steps 2-3: score this rank's candidates `items` with the model, gather (loss, sketch) to rank 0.
     Collective: every rank calls it with the same number of items."""
-    inv_sqrt_v = rt.inv_sqrt_v(step, timers)
+    inv_sqrt_v = pass_curvature(rt, step, timers)
     losses, sketches, tokens = rt.scorer.score(engine, items, inv_sqrt_v, timers)
+    normalised = fold_curvature(rt, inv_sqrt_v, timers)
     t0 = time.perf_counter()
     all_losses = comm.gather_to_rank0(losses)
     all_sketches = comm.gather_to_rank0(sketches) if sketches is not None else None
     timers["gather"] += time.perf_counter() - t0
-    return Scores(all_losses, all_sketches, tokens, inv_sqrt_v is not None)
+    return Scores(all_losses, all_sketches, tokens, normalised)
 
 
 def _fresh_scores(rt: SelectionRuntime, engine, dataset, cand: list, step: int, timers: dict) -> Scores:
@@ -295,7 +323,7 @@ def train_on(rt: SelectionRuntime, engine, dataset, ids: list, weights: torch.Te
     closed-form loss and sketch of each trained sample are computed from the same forward (its lm_head input and
     logits, no graph), so the selector can use them later. Raises NonFiniteLossError on every rank together."""
     micro, measure = rt.sizes.micro_batch_size, rt.optbatch.stale
-    inv_sqrt_v = rt.inv_sqrt_v(step, {"curvature": 0.0}) if measure else None
+    inv_sqrt_v = pass_curvature(rt, step, {"curvature": 0.0}) if measure else None
     loss_sum, train_tokens, positions, losses, sketches, feature_s = 0.0, 0, 0, [], [], 0.0
     capture = LmHeadInput(engine.module) if measure else None
     try:
@@ -304,7 +332,7 @@ def train_on(rt: SelectionRuntime, engine, dataset, ids: list, weights: torch.Te
             batch = batching.collate([dataset[i] for i in mids], rt.pad_id, engine.device)
             train_tokens += int(batch["attention_mask"].sum())
             positions += batch["attention_mask"].numel()
-            outp = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            outp = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             per = batching.per_sample_nll(outp.logits, batch["labels"])
             loss = (per * weights[m * micro:(m + 1) * micro].to(per.device)).mean()
             if comm.any_rank(not bool(torch.isfinite(loss))):
@@ -327,6 +355,7 @@ def train_on(rt: SelectionRuntime, engine, dataset, ids: list, weights: torch.Te
             capture.remove()
     if not measure:
         return Trained(loss_sum, train_tokens, positions)
+    fold_curvature(rt, inv_sqrt_v, {"curvature": 0.0})  # ema: the training forwards' statistics too (collective)
     sk = torch.cat(sketches) if sketches and sketches[0] is not None else None
     return Trained(loss_sum, train_tokens, positions, torch.cat(losses), sk, feature_s)
 

@@ -15,17 +15,19 @@ from typing import NamedTuple
 import torch
 
 from optbatch_ds import comm, step as ob_step
-from optbatch_ds.checkpoint import find_resume, load_rng, save_rng, write_complete_marker
+from optbatch_ds.checkpoint import find_resume, latest_complete, load_rng
 from optbatch_ds.comm import log0
 from optbatch_ds.config import Resolved, RunConfig, parse_args, planned_steps
 from optbatch_ds.data import EpochSampler
-from optbatch_ds.errors import ResumeError
+from optbatch_ds.errors import ConfigError, ResumeError
 from optbatch_ds.evaluate import EvalSettings, evaluate, format_table
-from optbatch_ds.export import export_hf
+from optbatch_ds.keeping import Keeper
+from optbatch_ds.modeling import check_environment
 from optbatch_ds.signals import reference_losses
 from optbatch_ds.runlog import RunLog, selection_line
-from optbatch_ds.scoring import curvature_inv_sqrt
+from optbatch_ds.scoring import CurvaturePolicy, curvature_inv_sqrt
 from optbatch_ds.session import Prepared, build_engine, prepare_data_and_model, resolve_here, seed_everything
+from optbatch_ds.tracking import Tracker, check_report_to
 
 # Estimated FLOPs per parameter and token (Kaplan et al. 2020): 6 for a trained token (forward 2 +
 # backward 4), 2 for a scored token (forward only).
@@ -55,7 +57,7 @@ class StepOutcome(NamedTuple):
 
 @dataclasses.dataclass
 class Recipe:
-    """One run's state on one rank; `train` drives it. Built by `Recipe.setup` (collective)."""
+    """One run's state on one rank; `loop` drives it. Built by `Recipe.setup` (collective)."""
 
     run: RunConfig
     rank: int
@@ -68,7 +70,9 @@ class Recipe:
     sampler: EpochSampler
     log: RunLog
     total_steps: int
+    keeper: Keeper
     keep_alive: object = None       # HfDeepSpeedConfig under ZeRO-3: must outlive the engine
+    model_info: dict = dataclasses.field(default_factory=dict)   # attention, checkpointing, LoRA, curvature
     step: int = 0
     totals: dict = dataclasses.field(default_factory=lambda: {"samples_trained": 0, "samples_scored": 0,
                                                               "tokens_trained": 0, "flops": 0.0})
@@ -84,55 +88,71 @@ class Recipe:
         out = os.path.abspath(run.output_dir)
         os.makedirs(out, exist_ok=True)
         seed_everything(run.seed)
-        resolve_here(run, world)  # checked before the data and model load: a typo costs seconds, not minutes
+        # checked before the data and model load: a typo or a missing package costs seconds, not minutes
+        early = resolve_here(run, world)
+        _check_before_loading(run, early)
         prep = prepare_data_and_model(run, local_rank, out)
         rs = resolve_here(run, world, num_train_samples=len(prep.pool))
         total_steps = planned_steps(run, len(prep.pool), rs.candidates)
-        log = RunLog(out, rank)
+        engine, n_params, keep_alive, info = build_engine(prep, rs)
+        eps = rs.optbatch.eps
+        policy = CurvaturePolicy.build(rs.optbatch, engine.module, adam=lambda: curvature_inv_sqrt(engine, eps))
+        info["curvature"] = policy.source
+        reference, ref_summary = reference_losses(rs.optbatch, prep.examples)
+        doc = {**rs.to_json(), "model_path": prep.model_path, "train_data": prep.train_spec,
+               "eval_data": prep.eval_spec, "planned_steps": total_steps, "reference": ref_summary, "model": info}
+        log = RunLog(out, rank, tracker=Tracker.build(run.report_to, out, os.path.basename(out), doc, rank))
+        log.write_json("config.json", doc)
         if log.active:
             prep.report.write(log.path("bad_records.json"))
         if prep.report.count():
             log0(f"skipped {prep.report.count()} records (listed in {out}/bad_records.json)")
-        reference, ref_summary = reference_losses(rs.optbatch, prep.examples)
-        log.write_json("config.json", {**rs.to_json(), "model_path": prep.model_path, "train_data": prep.train_spec,
-                                       "eval_data": prep.eval_spec, "planned_steps": total_steps,
-                                       "reference": ref_summary})
-        engine, n_params, keep_alive = build_engine(prep, rs)
-        eps = rs.optbatch.eps
         rt = ob_step.SelectionRuntime.build(engine.module, rs.optbatch, rs.sizes, prep.tokenizer.pad_token_id,
-                                            lambda: curvature_inv_sqrt(engine, eps), total_steps, rank)
+                                            policy, total_steps, rank)
         rt.attach(len(prep.encoded), reference)
         rt.group_by_length = rt.scorer.by_length = run.group_by_length
+        keeper = Keeper.build(rs, engine, prep, out, rank, keep_alive)
         recipe = cls(run, rank, out, prep, rs, engine, n_params, rt, EpochSampler(len(prep.pool), seed=run.seed),
-                     log, total_steps, keep_alive)
+                     log, total_steps, keeper, keep_alive, info)
         if ref_summary:  # the reference models' cost counts from step 0: FLOPs and time to quality include it
             recipe.totals.update(flops=ref_summary["flops"], reference_flops=ref_summary["flops"],
                                  reference_wall_s=ref_summary["wall_s"])
-        ob = rs.optbatch
-        log0(f"optbatch_ds | world {world} | model {prep.model_path} ({n_params / 1e6:.2f}M params) | "
-             f"train {len(prep.pool)} samples | method {ob.method} | prune {ob.prune_ratio} | "
-             f"b {rs.train_batch_size} of c {rs.candidates} per step | {total_steps} steps")
+        log0(recipe._start_line(world))
         recipe._resume()
         log.resume_at(recipe.step)
         return recipe
+
+    def _start_line(self, world: int) -> str:
+        ob, rs, info, prep = self.rs.optbatch, self.rs, self.model_info, self.prep
+        peft = info.get("peft")
+        fit = (f"attn {info['attn_implementation']} | grad ckpt {'on' if info['gradient_checkpointing'] else 'off'} | "
+               + (f"lora r {peft['r']}{' 4-bit' if peft['load_in_4bit'] else ''} "
+                  f"({100.0 * info['trainable_params'] / max(self.n_params, 1):.2f}% trainable)" if peft
+                  else "full fine-tuning") + f" | curvature {info['curvature']}")
+        return (f"optbatch_ds | world {world} | model {prep.model_path} ({self.n_params / 1e6:.2f}M params) | {fit} | "
+                f"train {len(prep.pool)} samples | method {ob.method} | prune {ob.prune_ratio} | "
+                f"b {rs.train_batch_size} of c {rs.candidates} per step | {self.total_steps} steps")
 
     @property
     def ckpt_root(self) -> str:
         return os.path.join(self.out, "checkpoints")
 
     def _resume(self) -> None:
-        """Continue from --resume (a checkpoint, or 'auto'): engine, sampler, selector, totals and RNG state."""
+        """Continue from --resume (a checkpoint, or 'auto'): engine, sampler, selector, curvature statistic, best
+        evaluation, totals and RNG state."""
         resume_dir = find_resume(self.run.resume, self.ckpt_root)
         if resume_dir is not None:
-            _, client = self.engine.load_checkpoint(os.path.dirname(resume_dir), tag=os.path.basename(resume_dir))
+            _, client = self.engine.load_checkpoint(os.path.dirname(resume_dir), tag=os.path.basename(resume_dir),
+                                                    load_module_strict=not self.run.use_peft)
             if client is None:
                 raise ResumeError(f"could not load checkpoint {resume_dir} (written by another model or DeepSpeed "
                                   "config?)")
             self.step = int(client["step"])
             warnings = self.sampler.load_state_dict(client["sampler"])
             warnings += self.rt.selector.load_state_dict(client["selector"])
-            if "runtime" in client:
-                self.rt.load_state_dict(client["runtime"])
+            if "runtime" in client:  # recorded losses and sketches (stale scoring), the curvature statistic
+                warnings += self.rt.load_state_dict(client["runtime"])
+            self.keeper.load_state_dict(client.get("keeper"))
             self.totals = client["totals"]
             load_rng(resume_dir, self.rank)
             ob = self.rs.optbatch
@@ -143,7 +163,7 @@ class Recipe:
             for w in warnings:
                 log0(f"warning: {w}")
             log0(f"resumed from {resume_dir} at step {self.step}")
-        self.last_ckpt = find_resume("auto", self.ckpt_root) if os.path.isdir(self.ckpt_root) else None
+        self.last_ckpt = latest_complete(self.ckpt_root)
 
     # ------------------------------------------------------------------ one step
 
@@ -193,30 +213,44 @@ class Recipe:
                 "score_tokens": int(stats[2]), "train_positions": int(stats[4]),
                 "tokens_per_s": float(stats[1] + stats[2]) / max(step_time, 1e-9),
                 "time": {k: round(v, 6) for k, v in {**timers, "total": step_time}.items()},
-                "wall": round(time.perf_counter() - self.t_run, 3), **self.totals,
+                "wall": round(time.perf_counter() - self.t_run, 3), **self.totals, **self._curvature_used(),
+                **self._peak_memory(),
                 **{k: v for k, v in info.items() if k in ob_step.LOGGED_INFO}}
+
+    def _peak_memory(self) -> dict:
+        """{"peak_memory_gib": the accelerator's peak allocation so far} on GPUs; {} on CPU (no such counter)."""
+        if self.engine.device.type == "cpu":
+            return {}
+        from deepspeed.accelerator import get_accelerator
+
+        return {"peak_memory_gib": round(get_accelerator().max_memory_allocated() / 2**30, 3)}
+
+    def _curvature_used(self) -> dict:
+        """The curvature source of this step's features ({} when no features are computed) and whether it had a
+        statistic yet (False: the identity, e.g. before Adam's first step)."""
+        if not self.rt.scorer.wants_curvature:
+            return {}
+        return {"curvature": self.rt.curvature.source, "curvature_ready": bool(self.rt.curvature.ready)}
 
     # ------------------------------------------------------------------ save, evaluate, finish
 
-    def save(self) -> str:
-        """A DeepSpeed checkpoint with the sampler, selector, totals and RNG state; COMPLETE once every rank
-        has written. Collective."""
-        tag = f"step_{self.step:06d}"
+    def save(self, full: bool = False) -> str:
+        """A checkpoint of this step (`Keeper.save`): DeepSpeed's, with the sampler, selector, curvature statistic,
+        best evaluation, totals and RNG state, or the weights alone with --save-only-model (unless `full`).
+        Collective."""
         client = {"step": self.step, "sampler": self.sampler.state_dict(), "selector": self.rt.selector.state_dict(),
+                  "keeper": self.keeper.state_dict(),
                   "totals": dict(self.totals), "config": dataclasses.asdict(self.rs.optbatch)}
-        if self.rt.measured is not None:  # the recorded losses and sketches (rank 0's; every rank loads that file)
-            client["runtime"] = self.rt.state_dict()
-        self.engine.save_checkpoint(self.ckpt_root, tag=tag, client_state=client)
-        save_rng(os.path.join(self.ckpt_root, tag), self.rank)
-        comm.barrier()
-        if self.rank == 0:
-            write_complete_marker(os.path.join(self.ckpt_root, tag), self.step)
-        comm.barrier()
-        self.last_ckpt = os.path.join(self.ckpt_root, tag)
-        return self.last_ckpt
+        # the recorded losses and sketches (rank 0's; every rank loads that file) and the curvature statistic
+        client["runtime"] = self.rt.state_dict()
+        path = self.keeper.save(self.step, client, full=full)
+        if full or not self.run.save_only_model:
+            self.last_ckpt = path
+        return path
 
     def evaluate(self, final: bool = False) -> dict | None:
-        """Held-out loss and generation metrics (rank 0 gets the result), logged. Collective."""
+        """Held-out loss and generation metrics (rank 0 gets the result), logged and noted as the best if it is.
+        With --export best, the best evaluation's weights are checkpointed if this step has none. Collective."""
         if not self.prep.eval_examples:
             return None
         t0 = time.perf_counter()
@@ -229,41 +263,66 @@ class Recipe:
             res["seconds"] = time.perf_counter() - t0
             log0(format_table(res))
         self.log.evaluation(res, final=final)
+        self.keeper.note_evaluation(self.step, res)
+        if not final and self.keeper.wants_checkpoint_for_best(self.step):
+            self.save()
         return res
 
     def finish(self, start_step: int) -> dict:
-        """The last checkpoint (unless this very step is saved), the final evaluation, the HF export."""
-        if self.step > start_step or not os.path.isdir(os.path.join(self.ckpt_root, f"step_{self.step:06d}")):
+        """The last checkpoint (unless this very step is saved), the final evaluation, rotation, the export."""
+        if self.step > start_step or not os.path.isdir(self.keeper.tag_dir(self.step)):
             self.save()
         result = self.evaluate(final=True)
-        if self.run.export:
-            export_hf(self.engine, self.prep.tokenizer, os.path.join(self.out, "final"), rank=self.rank,
-                      stage3=self.rs.zero_stage == 3)
-            log0(f"exported Hugging Face model to {os.path.join(self.out, 'final')}")
+        self.keeper.rotate()  # the final evaluation may have made the last checkpoint the best
+        if self.run.export != "none":
+            exported = self.keeper.export(self.step)
+            log0(f"exported step {exported} to {self.keeper.final_dir}"
+                 + (" (adapter in final/adapter)" if self.run.use_peft else ""))
+            if exported != self.step and self.keeper.best_result is not None:  # eval.json describes final/
+                self.log.write_json("eval.json", {**self.keeper.best_result, "exported_step": exported})
+                result = self.keeper.best_result
         return {"step": self.step, "eval": result, "totals": self.totals, "history": self.history, "rank": self.rank}
 
+    def loop(self) -> dict:
+        """Steps until the planned count (or early stopping, or SIGTERM), with --save-every / --eval-every, then
+        `finish`. Collective. Returns `finish`'s dict, or {"preempted": True, ...} after a SIGTERM checkpoint."""
+        run, start_step = self.run, self.step
+        comm.set_collective_timeout(run.collective_timeout)  # a rank that stops answering is an error from here on
+        self.log.start_progress(self.total_steps, start_step, run.log_every)
+        self.engine.train()
+        self.t_run = time.perf_counter()
+        try:
+            with _Preemption() as preempt:
+                while self.step < self.total_steps:
+                    if self.train_step(preempt.requested).preempted:  # save all and leave: a requeue resumes here
+                        log0(f"SIGTERM: saved {self.save(full=True)} at step {self.step}; exiting for requeue")
+                        return {"preempted": True, "step": self.step, "history": self.history, "rank": self.rank}
+                    if run.save_every and self.step % run.save_every == 0 and self.step < self.total_steps:
+                        self.save()
+                    if run.eval_every and self.step % run.eval_every == 0 and self.step < self.total_steps:
+                        self.evaluate()
+                        if self.keeper.should_stop():
+                            log0(f"early stopping at step {self.step}: no better held-out loss in "
+                                 f"{run.early_stopping_patience} evaluations (best {self.keeper.best['loss']:.4f} "
+                                 f"at step {self.keeper.best['step']})")
+                            break
+        finally:
+            self.log.close()
+        try:
+            return self.finish(start_step)
+        finally:
+            self.log.end()
 
-def fit(r: Recipe) -> bool:
-    """The training loop: steps until the planned total, checkpoints and evaluations on their schedule.
-    Collective. Returns True when a SIGTERM stopped it (the step was finished and checkpointed: requeue)."""
-    # from here on a rank that stops answering is an error within the collective timeout
-    comm.set_collective_timeout(r.run.collective_timeout)
-    r.log.start_progress(r.total_steps, r.step, r.run.log_every)
-    r.engine.train()
-    r.t_run = time.perf_counter()
-    try:
-        with _Preemption() as preempt:
-            while r.step < r.total_steps:
-                if r.train_step(preempt.requested).preempted:  # save and leave so a requeued job resumes here
-                    log0(f"SIGTERM: saved {r.save()} at step {r.step}; exiting for requeue")
-                    return True
-                if r.run.save_every and r.step % r.run.save_every == 0 and r.step < r.total_steps:
-                    r.save()
-                if r.run.eval_every and r.step % r.run.eval_every == 0 and r.step < r.total_steps:
-                    r.evaluate()
-    finally:
-        r.log.close()
-    return False
+
+def _check_before_loading(run: RunConfig, rs: Resolved) -> None:
+    """What the flags need from the machine and from each other, before any data or model loads (ConfigError)."""
+    from deepspeed.accelerator import get_accelerator
+
+    check_environment(run, get_accelerator().device_name())
+    check_report_to(run.report_to)
+    if run.use_peft and not run.lora_modules_to_save and rs.optbatch.curvature == "adam":
+        raise ConfigError('"optbatch".curvature adam reads the Adam state of lm_head, which LoRA freezes; use "ema" '
+                          '(or "auto"), or train lm_head with --lora-modules-to-save lm_head')
 
 
 def train(run: RunConfig, rank: int, world: int, local_rank: int, record_history: bool = False) -> dict:
@@ -273,10 +332,7 @@ def train(run: RunConfig, rank: int, world: int, local_rank: int, record_history
     record_history), "rank"}, or {"preempted": True, ...} after a SIGTERM checkpoint."""
     r = Recipe.setup(run, rank, world, local_rank)
     r.history = [] if record_history else None
-    start_step = r.step
-    if fit(r):
-        return {"preempted": True, "step": r.step, "history": r.history, "rank": rank}
-    return r.finish(start_step)
+    return r.loop()
 
 
 def main(argv=None) -> int:

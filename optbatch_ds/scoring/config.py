@@ -8,6 +8,7 @@ from optbatch_ds.options import as_float, as_int, bad, check_choices, option
 FEATURES = ("grad_curvature", "grad_raw", "hidden")
 SCORINGS = ("fresh", "stale")
 PRIORS = ("fresh", "mean")
+CURVATURES = ("auto", "adam", "ema", "none")
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,14 @@ class ScoringConfig:
                           "input, ablation).", choices=FEATURES)
     sketch_dim: int = option(512, "k, the random-projection dimension of the features (0 = no projection); 512 "
                              "keeps pairwise distances within ~12% (tests/unit/test_scoring.py JL test).")
+    curvature: str = option("auto", "v of grad_curvature: adam (lm_head's Adam second moment; needs a trained "
+                            "lm_head), ema (a running mean of each vocab row's squared per-sample output-layer "
+                            "gradient, from the forwards that compute features anyway: works with a frozen lm_head and sends a V-vector "
+                            "instead of V x d), none (v = 1), auto (adam when lm_head trains, else ema: LoRA).",
+                            choices=CURVATURES)
+    curvature_beta: float = option(0.95, "Decay of the ema curvature per pass folded in (a scoring pass; with "
+                                   "scoring stale also each step's training forwards); bias-corrected like Adam's "
+                                   "beta2; 0.95 averages about the last 20 passes.")
     eps: float = option(1e-8, "eps in 1/sqrt(v + eps), the curvature normaliser.")
     vocab_chunk: int = option(4096, "Vocabulary rows per chunk in the feature computation (bounds memory).")
     score_batch_size: int = option(0, "Samples per scoring forward; 0 = 2 x train_micro_batch_size_per_gpu (no "
@@ -46,6 +55,9 @@ class ScoringConfig:
             raise bad("refresh", "only applies to scoring 'stale' (fresh scoring re-measures every candidate)")
         if self.prior != "fresh" and self.scoring != "stale":
             raise bad("prior", "only applies to scoring 'stale' (fresh scoring measures every candidate)")
+        beta = as_float(self.curvature_beta, "curvature_beta", allow_inf=False)
+        if not 0.0 <= beta < 1.0:
+            raise bad("curvature_beta", f"{self.curvature_beta} must be in [0, 1)")
         if sketch_dim < 0:
             raise bad("sketch_dim", f"{self.sketch_dim} must be >= 0 (0 = use the features unprojected)")
         if not eps > 0:
@@ -55,5 +67,5 @@ class ScoringConfig:
         if score_bs < 0:
             raise bad("score_batch_size", f"{self.score_batch_size} must be >= 0 (0 = 2 x the micro batch)")
         for key, value in (("sketch_dim", sketch_dim), ("vocab_chunk", chunk), ("score_batch_size", score_bs),
-                           ("eps", eps), ("refresh", refresh)):
+                           ("eps", eps), ("refresh", refresh), ("curvature_beta", beta)):
             object.__setattr__(self, key, value)

@@ -144,19 +144,73 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_chunk: int
     return _losses(logits, rows, lse, dtype)[0]
 
 
-def _check_feature_inputs(hidden, logits, labels, inv_sqrt_v, projection):
-    """Shape checks of `output_layer_features` (ValueError naming the argument); the projection to use (None for
-    sketch_dim 0)."""
+class RowCurvature:
+    """The per-row curvature of the `ema` policy (scoring.policy) for one scoring pass.
+
+    scale: (V,) 1 / sqrt(m_u + eps), each vocab row's normaliser (None: the identity, before any statistic);
+    `output_layer_features` divides row u of every G_i by it, i.e. v[u, :] = m_u for the whole row. While it
+    computes the features it also accumulates, over the samples with a finite loss,
+        sum_sq[u] = sum_i ||G_i[u, :]||^2 / d        (float64, on the features' device)   and   count = #samples,
+    so sum_sq / count is the pass's mean per-sample second moment of the output-layer gradient, row by row: the
+    statistic the EMA folds in. Nothing extra is computed: ||G_i[u, :]||^2 is the square the row norm takes anyway.
+    """
+
+    def __init__(self, scale: torch.Tensor | None = None):
+        self.scale = scale
+        self.sum_sq: torch.Tensor | None = None
+        self.count = 0
+
+    def _add(self, squares: torch.Tensor, use: torch.Tensor, u0: int, vocab: int, width: int) -> None:
+        if self.sum_sq is None:
+            self.sum_sq = torch.zeros(vocab, dtype=torch.float64, device=squares.device)
+        self.sum_sq[u0:u0 + squares.shape[1]] += (squares[use].sum(dim=0) / width).to(torch.float64)
+
+
+def _check_feature_args(logits, labels, hidden, inv_sqrt_v, projection, row_curvature):
     _check_inputs(logits, labels, hidden)
     vocab, width = logits.shape[-1], hidden.shape[-1]
     if inv_sqrt_v is not None and tuple(inv_sqrt_v.shape) != (vocab, width):
         raise ValueError(f"inv_sqrt_v must be (vocab, hidden) = ({vocab}, {width}) like lm_head.weight, "
                          f"got {tuple(inv_sqrt_v.shape)}")
     if projection is not None and projection.sketch_dim == 0:
-        return None
+        projection = None
     if projection is not None and projection.in_dim != vocab:
         raise ValueError(f"projection maps {projection.in_dim} inputs but the vocab has {vocab} entries")
+    scale = row_curvature.scale if row_curvature is not None else None
+    if scale is not None and tuple(scale.shape) != (vocab,):
+        raise ValueError(f"row_curvature.scale must be (vocab,) = ({vocab},), got {tuple(scale.shape)}")
+    if scale is not None and inv_sqrt_v is not None:
+        raise ValueError("give inv_sqrt_v (Adam, per element) or row_curvature.scale (per row), not both")
     return projection
+
+
+class _GradientChunks:
+    """G_i[u0:u1] for every sample, one vocab chunk at a time, from the packed supervised rows."""
+
+    def __init__(self, hidden, logits, rows: _Supervised, lse, count, dtype):
+        batch, width = rows.batch, hidden.shape[-1]
+        self.logits, self.rows, self.lse, self.dtype = logits, rows, lse, dtype
+        # h_t / n_i on supervised rows, 0 on padding rows: the G_i chunk is delta_chunk^T @ this.
+        self.weighted = rows.gather(hidden, dtype).view(batch, rows.n_max, width)
+        self.weighted.mul_((rows.valid.view(batch, rows.n_max).to(dtype) / count.unsqueeze(1)).unsqueeze(-1))
+        self.every_row = torch.arange(rows.valid.numel(), device=logits.device)
+        self.padding = ~rows.valid.unsqueeze(-1)
+
+    def row_squares(self, u0: int, u1: int, inv_sqrt_v: torch.Tensor | None) -> torch.Tensor:
+        """(B, u1 - u0): sum_j (G_i[u, j] inv_sqrt_v[u, j])^2 (inv_sqrt_v None: 1), the squared row norms."""
+        rows, dtype = self.rows, self.dtype
+        delta = rows.gather(self.logits, dtype, u0, u1).sub_(self.lse.unsqueeze(-1)).exp_()  # softmax chunk (rows, c)
+        # Subtract the one-hot: -1 where the target falls in this chunk, +0 (exact) elsewhere, so no
+        # data-dependent indexing (no device sync per chunk) and the sum order cannot matter.
+        hit = (rows.target >= u0) & (rows.target < u1)
+        delta.index_put_((self.every_row, (rows.target - u0).clamp_(0, u1 - u0 - 1)), hit.to(dtype).neg_(),
+                         accumulate=True)
+        delta.masked_fill_(self.padding, 0.0)  # also keeps inf/NaN logits of padding rows out of the sums
+        grad = torch.bmm(delta.view(rows.batch, rows.n_max, u1 - u0).transpose(1, 2), self.weighted)  # (B, c, d)
+        del delta, hit
+        if inv_sqrt_v is not None:
+            grad.mul_(inv_sqrt_v[u0:u1].to(device=self.logits.device, dtype=dtype))
+        return grad.square_().sum(dim=-1)
 
 
 @torch.no_grad()
@@ -167,16 +221,19 @@ def output_layer_features(
     inv_sqrt_v: torch.Tensor | None = None,
     projection: "SketchProjection | None" = None,
     vocab_chunk: int = 4096,
+    row_curvature: RowCurvature | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample loss and curvature-normalised output-layer gradient features, in vocab chunks.
 
     Returns (losses (B,), feats (B, k)) when `projection` has sketch_dim k > 0, else (losses, feats (B, V))
     with feats[i, u] = f_i[u]. `inv_sqrt_v` (V, d) is `curvature_inv_sqrt(engine, eps)`; None means the
-    identity (raw gradient row norms). A sample with no supervised token gets a NaN loss and NaN features.
+    identity (raw gradient row norms). `row_curvature` (the ema policy) instead divides each row by its (V,)
+    scale and accumulates the rows' squared gradient norms (see `RowCurvature`); without it the results are
+    exactly those of the per-element path. A sample with no supervised token gets a NaN loss and NaN features.
     Only supervised positions are computed (prompt tokens and padding are skipped).
-    Peak extra memory: see the module docstring and `peak_feature_memory_bytes`.
+    Peak extra memory: see the module docstring and `peak_feature_memory_bytes` (+ 8 V bytes with row_curvature).
     """
-    projection = _check_feature_inputs(hidden, logits, labels, inv_sqrt_v, projection)
+    projection = _check_feature_args(logits, labels, hidden, inv_sqrt_v, projection, row_curvature)
     batch, _, vocab = logits.shape
     width = hidden.shape[-1]
     dtype = _compute_dtype(hidden, logits, inv_sqrt_v)
@@ -190,32 +247,24 @@ def output_layer_features(
     feats = torch.zeros(batch, out_dim, dtype=dtype, device=device)
     if rows.n_max == 0:  # nothing supervised anywhere
         return losses, feats.fill_(math.nan)
+    if row_curvature is not None:
+        use = torch.isfinite(losses)  # samples with a supervised token and finite logits
+        row_curvature.count += int(use.sum())
 
-    # h_t / n_i on supervised rows, 0 on padding rows: the G_i chunk is delta_chunk^T @ this.
-    weighted = rows.gather(hidden, dtype).view(batch, rows.n_max, width)
-    weighted.mul_((rows.valid.view(batch, rows.n_max).to(dtype) / count.unsqueeze(1)).unsqueeze(-1))
-    every_row = torch.arange(rows.valid.numel(), device=device)
-    padding = ~rows.valid.unsqueeze(-1)
+    grads = _GradientChunks(hidden, logits, rows, lse, count, dtype)
     for u0 in range(0, vocab, chunk):
         u1 = min(u0 + chunk, vocab)
-        delta = rows.gather(logits, dtype, u0, u1).sub_(lse.unsqueeze(-1)).exp_()  # softmax chunk (rows, c)
-        # Subtract the one-hot: -1 where the target falls in this chunk, +0 (exact) elsewhere, so no
-        # data-dependent indexing (no device sync per chunk) and the sum order cannot matter.
-        hit = (rows.target >= u0) & (rows.target < u1)
-        delta.index_put_((every_row, (rows.target - u0).clamp_(0, u1 - u0 - 1)), hit.to(dtype).neg_(),
-                         accumulate=True)
-        delta.masked_fill_(padding, 0.0)  # also keeps inf/NaN logits of padding rows out of the sums
-        grad = torch.bmm(delta.view(batch, rows.n_max, u1 - u0).transpose(1, 2), weighted)  # G_i[u0:u1] (B, c, d)
-        del delta, hit
-        if inv_sqrt_v is not None:
-            grad.mul_(inv_sqrt_v[u0:u1].to(device=device, dtype=dtype))
-        rownorm = grad.square_().sum(dim=-1).sqrt_()  # f_i[u0:u1], (B, c)
-        del grad
+        squares = grads.row_squares(u0, u1, inv_sqrt_v)  # ||G_i[u, :] * inv_sqrt_v[u, :]||^2, (B, c)
+        if row_curvature is not None:
+            row_curvature._add(squares, use, u0, vocab, width)
+            if row_curvature.scale is not None:
+                squares.mul_(row_curvature.scale[u0:u1].to(device=device, dtype=dtype).square())
+        rownorm = squares.sqrt_()  # f_i[u0:u1], (B, c)
         if projection is None:
             feats[:, u0:u1] = rownorm
         else:
             projection.accumulate(feats, rownorm, u0)
-        del rownorm  # free before the next chunk's buffers are allocated
+        del rownorm, squares  # free before the next chunk's buffers are allocated
     return losses, feats
 
 

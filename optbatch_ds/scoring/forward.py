@@ -115,6 +115,7 @@ class Scorer:
             loss = features.per_sample_loss(logits, labels)
             feat = features.hidden_features(hidden, labels, projection=self.projection) if self.with_features else None
             return loss, feat
-        return features.output_layer_features(
-            hidden, logits, labels, inv_sqrt_v=inv_sqrt_v if self.feature == "grad_curvature" else None,
-            projection=self.projection, vocab_chunk=self.vocab_chunk)
+        rows = inv_sqrt_v if isinstance(inv_sqrt_v, features.RowCurvature) else None  # curvature "ema"
+        full = inv_sqrt_v if self.feature == "grad_curvature" and rows is None else None
+        return features.output_layer_features(hidden, logits, labels, inv_sqrt_v=full, projection=self.projection,
+                                              vocab_chunk=self.vocab_chunk, row_curvature=rows)

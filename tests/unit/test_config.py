@@ -170,3 +170,47 @@ def test_run_config_is_checked_on_creation():
     with pytest.raises(ConfigError, match="--resume /no/such/dir: no such checkpoint"):
         RunConfig(resume="/no/such/dir")
     assert RunConfig(resume="auto", epochs=0.5).epochs == 0.5
+
+
+def test_fit_flags_follow_trl_names_and_are_checked():
+    """--use-peft / --lora-* / --gradient-checkpointing / --attn-implementation / --export / --report-to parse as TRL
+    and transformers spell them; checkpointing defaults on with --model and off for the built-in model."""
+    run = parse_args(["--model", "m", "--use-peft", "--lora-r", "8", "--lora-target-modules", "q_proj", "v_proj,o_proj",
+                      "--lora-modules-to-save", "lm_head", "--attn-implementation", "sdpa", "--no-merge-lora",
+                      "--save-total-limit", "2", "--eval-every", "5", "--export", "best", "--report-to", "tensorboard"])
+    assert run.gradient_checkpointing is True and run.lora_r == 8 and run.merge_lora is False
+    assert run.lora_target_modules == ("q_proj", "v_proj", "o_proj") and run.lora_modules_to_save == ("lm_head",)
+    assert (run.attn_implementation, run.export, run.report_to, run.save_total_limit) == ("sdpa", "best",
+                                                                                         "tensorboard", 2)
+    assert parse_args([]).gradient_checkpointing is False and parse_args([]).lora_target_modules == ("all-linear",)
+    assert parse_args(["--model", "m", "--no-gradient-checkpointing"]).gradient_checkpointing is False
+    assert parse_args(["--no-export"]).export == "none"
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--attn-implementation", "flash_attention"], "did you mean 'flash_attention_2'"),
+    (["--load-in-4bit"], "add --use-peft"),
+    (["--export", "best"], "add --eval-every"),
+    (["--early-stopping-patience", "2"], "add --eval-every"),
+    (["--use-peft", "--lora-r", "0"], "must be positive"),
+    (["--save-total-limit", "-1"], "must be >= 0"),
+    (["--report-to", "mlflow"], "choose one of none, tensorboard, wandb"),
+])
+def test_fit_flag_mistakes(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_args(argv)
+
+
+def test_machine_checks_run_before_loading(monkeypatch):
+    """A missing flash-attn suggests sdpa; 4-bit on a machine without CUDA is refused; both before any model loads."""
+    import importlib.util
+
+    from optbatch_ds.modeling import check_environment
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    with pytest.raises(ConfigError, match="needs the flash-attn package.*sdpa"):
+        check_environment(RunConfig(attn_implementation="flash_attention_2"), "cuda")
+    with pytest.raises(ConfigError, match="CUDA GPUs only.*--use-peft without it"):
+        check_environment(RunConfig(use_peft=True, load_in_4bit=True), "cpu")
+    check_environment(RunConfig(use_peft=True, attn_implementation="sdpa"), "cpu")  # fine on CPU

@@ -118,6 +118,8 @@ def test_stale_store_keeps_unprojected_features():
     the sketches are the features themselves, and the stale store keeps them (farthest-point filling needs them)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from optbatch_ds.scoring import CurvaturePolicy
+
     gen = torch.Generator().manual_seed(5)
     torch.manual_seed(5)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -126,9 +128,52 @@ def test_stale_store_keeps_unprojected_features():
     ob = OptBatchConfig(scoring="stale", signal="loss", feature="grad_raw", sketch_dim=512, strata=2,
                         within="farthest")
     sizes = BatchSizes(num_candidates(4, ob.prune_ratio, 1), 4, 4, 1, 1)
-    rt = ob_step.SelectionRuntime.build(model, ob, sizes, 0, lambda: None, 5, 0)
+    rt = ob_step.SelectionRuntime.build(model, ob, sizes, 0, CurvaturePolicy.build(ob, model, adam=None), 5, 0)
     rt.attach(len(items))
     cand = EpochSampler(len(items), seed=0).draw(sizes.candidates)
     choice = ob_step.choose_batch(rt, _Engine(model, 1), items, cand, 1, ob_step.new_timers())
     assert choice.sketches.shape == (len(cand), 40) and len(choice.positions) == 4
     assert rt.scorer.projection is None and rt.store.sketch.shape == (12, 40)
+
+
+def test_ema_curvature_is_fed_by_the_training_forwards_under_scoring_stale():
+    """curvature ema with scoring stale: once every candidate is measured no scoring pass runs, and the statistic
+    still moves, from the row statistics of the step's training forwards (one fold per pass: a step with a
+    scoring pass folds twice). The step's first read decides `ready`; the statistic goes into the runtime's state
+    and comes back from it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from optbatch_ds.scoring import CurvaturePolicy
+
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    items = _items(12, 40, gen)
+    b, micro, accum = 6, 3, 2
+    ob = OptBatchConfig(scoring="stale", signal="loss", feature="grad_curvature", curvature="ema", sketch_dim=8,
+                        strata=2, within="farthest")  # farthest: the selection needs the features
+    policy = CurvaturePolicy.build(ob, model, adam=None)
+    sizes = BatchSizes(num_candidates(b, ob.prune_ratio, 1), b, micro, accum, 1)
+    rt = ob_step.SelectionRuntime.build(model, ob, sizes, 0, policy, 12, 0)
+    rt.attach(len(items))
+    engine, sampler, passes, unscored = _Engine(model, accum), EpochSampler(len(items), seed=1), 0, 0
+    assert rt.scorer.wants_curvature
+    for step in range(1, 13):
+        cand = sampler.draw(sizes.candidates)
+        choice = ob_step.choose_batch(rt, engine, items, cand, step, ob_step.new_timers())
+        assert policy.ready == (step > 1)  # the identity only before the first pass was folded in
+        scored = choice.score_tokens > 0
+        unscored += not scored
+        dealt, weights = ob_step.deal(rt, items, [cand[p] for p in choice.positions.tolist()], choice.weights)
+        before = policy.updates
+        trained = ob_step.train_on(rt, engine, items, *ob_step.my_share(rt, dealt, weights), step)
+        assert policy.updates == before + 1 and trained.sketches is not None and torch.isfinite(trained.sketches).all()
+        passes += 1 + scored
+        assert policy.updates == passes
+    assert unscored > 0, "the test needs steps where every candidate was measured already"
+    again = ob_step.SelectionRuntime.build(model, ob, sizes, 0, CurvaturePolicy.build(ob, model, adam=None), 12, 0)
+    again.attach(len(items))
+    assert again.load_state_dict(rt.state_dict()) == []
+    assert again.curvature.updates == passes
+    torch.testing.assert_close(again.curvature.row_scale(), policy.row_scale())
