@@ -102,7 +102,7 @@ class OptBatchConfig(SignalConfig, ScoringConfig, SelectionConfig):
         start = PRESETS[preset]
         if section.get("method", start.get("method", "optbatch")) != "optbatch" and "preset" not in section:
             start = {**start, **BASELINE}  # the baselines as published, unless a key beside them says otherwise
-        return cls(**{**start, **section})
+        return cls(**{**start, **section, "preset": preset})  # config.json names the preset that was used
 
     @property
     def needs_scores(self) -> bool:

@@ -45,6 +45,16 @@ def _items(n, vocab, gen):
     return out
 
 
+def _tiny_llama(seed: int):
+    """(a generator seeded with `seed`, a 1-layer Llama over a 40-token vocabulary initialised under that seed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    return gen, LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2))
+
+
 @torch.no_grad()
 def _plain_losses(model, items, ids):
     if not ids:
@@ -56,12 +66,7 @@ def _plain_losses(model, items, ids):
 
 @pytest.mark.parametrize("signal,refresh", [("loss", 0.0), ("progress", 0.34)])
 def test_stale_values_are_the_last_measurements(signal, refresh):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    gen = torch.Generator().manual_seed(7)
-    torch.manual_seed(7)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    gen, model = _tiny_llama(7)
     items = _items(30, 40, gen)
     b, micro, accum = 6, 3, 2
     ob = OptBatchConfig(scoring="stale", refresh=refresh, signal=signal, feature="grad_raw", sketch_dim=8, strata=2)
@@ -94,14 +99,9 @@ def test_stale_values_are_the_last_measurements(signal, refresh):
 
 
 def test_scoring_in_length_buckets_returns_the_same_scores_in_order():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from optbatch_ds.scoring import Scorer, SketchProjection
 
-    gen = torch.Generator().manual_seed(3)
-    torch.manual_seed(3)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    gen, model = _tiny_llama(3)
     items = _items(23, 40, gen)
     engine = _Engine(model, 1)
     scorer = Scorer("grad_raw", 16, True, SketchProjection(40, 8, seed=0), 4, 0)
@@ -116,14 +116,9 @@ def test_scoring_in_length_buckets_returns_the_same_scores_in_order():
 def test_stale_store_keeps_unprojected_features():
     """sketch_dim not below the vocabulary (a small model under a config written for a large one): no projection,
     the sketches are the features themselves, and the stale store keeps them (farthest-point filling needs them)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from optbatch_ds.scoring import CurvaturePolicy
 
-    gen = torch.Generator().manual_seed(5)
-    torch.manual_seed(5)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    gen, model = _tiny_llama(5)
     items = _items(12, 40, gen)
     ob = OptBatchConfig(scoring="stale", signal="loss", feature="grad_raw", sketch_dim=512, strata=2,
                         within="farthest")
@@ -141,14 +136,9 @@ def test_ema_curvature_is_fed_by_the_training_forwards_under_scoring_stale():
     still moves, from the row statistics of the step's training forwards (one fold per pass: a step with a
     scoring pass folds twice). The step's first read decides `ready`; the statistic goes into the runtime's state
     and comes back from it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from optbatch_ds.scoring import CurvaturePolicy
 
-    gen = torch.Generator().manual_seed(5)
-    torch.manual_seed(5)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    gen, model = _tiny_llama(5)
     items = _items(12, 40, gen)
     b, micro, accum = 6, 3, 2
     ob = OptBatchConfig(scoring="stale", signal="loss", feature="grad_curvature", curvature="ema", sketch_dim=8,
