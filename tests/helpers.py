@@ -19,6 +19,12 @@ def train_body(rank, world_size, argv):
     return train(run, r, w, local, record_history=True)
 
 
+def zero3_argv(out, *extra, eval_samples: int = 2, eval_tokens: int = 8) -> list[str]:
+    """launch/train.py flags for a short ZeRO-3 test run into `out`, with a small generation evaluation."""
+    return ["--deepspeed", "ds_configs/zero3.json", "--output-dir", str(out), "--eval-samples-per-task",
+            str(eval_samples), "--eval-max-new-tokens", str(eval_tokens), "--log-every", "0", *extra]
+
+
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(l) for l in f if l.strip()]

@@ -3,6 +3,7 @@ curvature, export and resume), checkpoint rotation with --export best, and the t
 
     python -m pytest tests/distributed/test_fit.py -q
 """
+import functools
 import json
 import os
 import shutil
@@ -11,14 +12,10 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
-from tests.helpers import REPO, load_safetensors, read_jsonl, train_body
+from tests.helpers import REPO, load_safetensors, read_jsonl, train_body, zero3_argv
 
 pytestmark = pytest.mark.distributed
-
-
-def _argv(out, *extra):
-    return ["--deepspeed", "ds_configs/zero3.json", "--output-dir", str(out), "--eval-samples-per-task", "1",
-            "--eval-max-new-tokens", "4", "--log-every", "0", *extra]
+_argv = functools.partial(zero3_argv, eval_samples=1, eval_tokens=4)
 
 
 @pytest.fixture(scope="module")

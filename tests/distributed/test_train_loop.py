@@ -6,14 +6,9 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
-from tests.helpers import load_safetensors, read_jsonl, train_body
+from tests.helpers import load_safetensors, read_jsonl, train_body, zero3_argv as _argv
 
 pytestmark = pytest.mark.distributed
-
-
-def _argv(out, *extra):
-    return ["--deepspeed", "ds_configs/zero3.json", "--output-dir", str(out), "--eval-samples-per-task", "2",
-            "--eval-max-new-tokens", "8", "--log-every", "0", *extra]
 
 
 @pytest.fixture(scope="module")
