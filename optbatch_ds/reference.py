@@ -7,7 +7,9 @@ Run as:
     python launch/reference.py --data train.jsonl --output refs/          # holdout-free: two halves of train
     deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero3.json --data train.jsonl --reference-losses refs/
 
-With `--reference-data CLEAN` one reference model is trained on CLEAN and scores every training record.
+With `--reference-data CLEAN` one reference model is trained on CLEAN and scores every training record. With
+`--model BASE --epochs 0` the model is not trained at all: a pretrained base scores every record as it is (the
+fine-tuning regime, where the base already knows the facts the records state; cost: one forward per record).
 Without it (most users have no clean set) the holdout-free variant trains two reference models on the two
 halves of the training set (split by record hash, so exact duplicates stay in one half) and each scores the
 other half: a record is never scored by a model that trained on it. The reference models are trained by
@@ -75,7 +77,8 @@ def build_arg_parser():
                    "the evaluation split); omit for the holdout-free variant (two models on two halves of --data).")
     p.add_argument("--model-size", default="tiny", choices=sorted(MODEL_SIZES),
                    help="Size of the built-in architecture when --model is not given (default tiny).")
-    p.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS, help="Passes over the reference data.")
+    p.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS, help="Passes over the reference data; 0 scores "
+                   "every record with --model as it is (a pretrained base as its own reference: no training).")
     p.add_argument("--output", required=True, help="Folder for reference_losses.jsonl, cost.json and the runs.")
     return p
 
@@ -84,8 +87,11 @@ def parse_args(argv=None) -> ReferenceJob:
     args = parse_known(build_arg_parser(), argv)
     if args.data is None:
         raise ConfigError("--data is required: the training records to score")
-    if not args.epochs > 0:
-        raise ConfigError(f"--epochs {args.epochs} must be > 0")
+    if not args.epochs >= 0:
+        raise ConfigError(f"--epochs {args.epochs} must be >= 0")
+    if args.epochs == 0 and (args.model is None or args.reference_data is not None):
+        raise ConfigError("--epochs 0 scores the training records with --model as it is: give --model (the pretrained "
+                          "base) and no --reference-data")
     run = RunConfig(**{k: getattr(args, k) for k in _SHARED if getattr(args, k) is not None})
     return ReferenceJob(run, args.reference_data, args.model_size, args.epochs, os.path.abspath(args.output))
 
@@ -108,6 +114,8 @@ def _parts(job: ReferenceJob, examples: list, hashes: list[str]) -> list[tuple[s
     holdout-free halves (records keep their turns, tools, untrained turns and task); the others wait for them."""
     if job.reference_data is not None:
         return [("clean", job.reference_data, list(range(len(examples))))]
+    if job.epochs == 0:  # the given model as it is: nothing is trained, so nothing needs holding out
+        return [("base", job.run.data, list(range(len(examples))))]
     halves = [[i for i, h in enumerate(hashes) if int(h, 16) % 2 == part] for part in (0, 1)]
     files = [os.path.join(job.output, f"half_{name}.jsonl") for name in ("a", "b")]
     if comm.rank_and_world()[0] == 0:
@@ -145,22 +153,28 @@ def _score(recipe, examples: list, max_seq_len: int) -> tuple[list[float], int]:
 
 
 def _train_and_score(job: ReferenceJob, name: str, train_file: str, targets: list, model: str, ctx: tuple) -> dict:
-    """One reference model: train it with the package's recipe (method full), score `targets`. Collective."""
+    """One reference model: train it with the package's recipe (method full; with epochs 0 the engine is built and
+    nothing trained), score `targets`. Collective."""
     from optbatch_ds.trainer import Recipe
 
     rank, world, local_rank = ctx
     # a built-in reference model starts from scratch: it wants the small model's rate, not a fine-tuning one
     lr = job.run.learning_rate or (DEFAULT_LR_SMALL_MODEL if job.run.model is None else None)
     run = dataclasses.replace(job.run, model=model, data=train_file, eval_data=None, method="full", prune_ratio=None,
-                              epochs=job.epochs, max_steps=-1, output_dir=os.path.join(job.output, f"ref_{name}"),
+                              epochs=job.epochs or 1.0, max_steps=-1,  # epochs 0: planned, never stepped
+                              output_dir=os.path.join(job.output, f"ref_{name}"),
                               export="none", log_every=0, resume=None, learning_rate=lr)
     t0 = time.perf_counter()
     recipe = Recipe.setup(run, rank, world, local_rank)
-    recipe.loop()  # the steps, then the last checkpoint and evaluation (no export)
+    if job.epochs > 0:
+        recipe.loop()  # the steps, then the last checkpoint and evaluation (no export)
+    else:
+        recipe.log.end()  # nothing to train: the run's files are closed as loop() would
     train_wall = time.perf_counter() - t0
     t0 = time.perf_counter()
     losses, tokens = _score(recipe, targets, job.run.max_seq_len)
-    return {"name": name, "train_file": train_file, "records_trained": len(recipe.prep.pool), "steps": recipe.step,
+    trained = len(recipe.prep.pool) if job.epochs > 0 else 0
+    return {"name": name, "train_file": train_file, "records_trained": trained, "steps": recipe.step,
             "params": recipe.n_params, "train_flops": float(recipe.totals["flops"]), "train_wall_s": train_wall,
             "scored": len(targets), "score_tokens": tokens, "score_flops": 2.0 * recipe.n_params * tokens,
             "score_wall_s": time.perf_counter() - t0, "losses": losses}
@@ -200,7 +214,8 @@ def _write(job: ReferenceJob, hashes: list[str], results: list[dict], model: str
         f.write("\n".join(lines) + "\n")
     parts = [{k: v for k, v in r.items() if k not in ("losses", "targets")} for r in results]
     cost = {"model": model, "model_size": None if job.run.model else job.model_size, "epochs": job.epochs,
-            "variant": "clean" if job.reference_data else "holdout-free", "reference_data": job.reference_data,
+            "variant": "clean" if job.reference_data else ("base" if job.epochs == 0 else "holdout-free"),
+            "reference_data": job.reference_data,
             "records": len(hashes), "distinct_records": len(seen), "unscored": int(missing), "parts": parts,
             "total_flops": sum(p["train_flops"] + p["score_flops"] for p in parts),
             "total_wall_s": sum(p["train_wall_s"] + p["score_wall_s"] for p in parts)}

@@ -104,3 +104,33 @@ def test_clean_reference_feeds_the_trainer_through_a_shuffled_file(data):
     assert section["preset"] == "reference" and section["signal"] == "reducible" and section["strata"] == 1  # the reference preset
     metrics = read_jsonl(run / "metrics.jsonl")
     assert metrics[0]["flops"] > cost["total_flops"]  # the reference's cost counts from step 1
+
+
+def test_a_pretrained_base_scores_as_it_is_with_epochs_0(data):
+    """--model BASE --epochs 0: no training, one part "base" scoring every record; its losses equal the base's own
+    mean answer NLL (scored again here with plain transformers)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optbatch_ds.data import encode_examples, load_examples
+    from optbatch_ds.modeling import build_default_model
+
+    examples = load_examples(str(data / "train.jsonl"))
+    base = build_default_model([m["content"] for e in examples for m in e.messages], str(data / "base_cache"), seed=3)
+    refs = data / "refs_base"
+    _launch("launch/reference.py", "--data", data / "train.jsonl", "--deepspeed", data / "zero3.json", "--model", base,
+            "--epochs", "0", "--output", refs)
+    cost = json.load(open(refs / "cost.json"))
+    assert cost["variant"] == "base" and [p["name"] for p in cost["parts"]] == ["base"]
+    part = cost["parts"][0]
+    assert part["steps"] == 0 and part["train_flops"] == 0 and part["records_trained"] == 0 and part["scored"] == 41
+    got = {l["hash"]: l["loss"] for l in read_jsonl(refs / "reference_losses.jsonl")}
+    tok, model = AutoTokenizer.from_pretrained(base), AutoModelForCausalLM.from_pretrained(base).eval()
+    hashes = _hashes(data / "train.jsonl")
+    for enc, h in list(zip(encode_examples(examples, tok, 1024), hashes))[:6]:
+        ids, labels = torch.tensor([enc.input_ids]), torch.tensor([enc.labels])
+        with torch.no_grad():
+            want = model(input_ids=ids, labels=labels).loss.item()
+        assert got[h] == pytest.approx(want, rel=1e-4)
+    with pytest.raises(AssertionError, match="give --model"):
+        _launch("launch/reference.py", "--data", data / "train.jsonl", "--epochs", "0", "--output", data / "no")
