@@ -187,7 +187,8 @@ def build_reference(job: ReferenceJob, rank: int, world: int, local_rank: int) -
     model = _reference_model(job, examples, local_rank)
     results = []
     for name, train_file, targets in _parts(job, examples, hashes):
-        log0(f"reference | model {name}: training on {train_file}, then scoring {len(targets)} records")
+        what = f"training on {train_file}, then scoring" if job.epochs > 0 else "scoring, untrained,"
+        log0(f"reference | model {name}: {what} {len(targets)} records")
         res = _train_and_score(job, name, train_file, [examples[i] for i in targets], model, (rank, world, local_rank))
         res["targets"] = targets
         results.append(res)
