@@ -160,7 +160,7 @@ class RunConfig(OutputOptions, ModelOptions):
     group_by_length: bool = option(True, "Deal each step's selected samples to ranks and micro-batches by length, so "
                                    "little compute goes to padding (the step's samples, weights and gradient stay "
                                    "the same; unlike transformers' flag it never moves a sample to another step).")
-    method: str | None = option(None, "Overrides \"optbatch\".method.")
+    method: str | None = option(None, "Overrides \"optbatch\".method: " + " | ".join(METHODS) + ".")
     prune_ratio: float | None = option(None, "Overrides \"optbatch\".prune_ratio.")
     reference_losses: str | None = option(None, "Overrides \"optbatch\".reference_losses (launch/reference.py's "
                                           "output folder).")
@@ -197,10 +197,18 @@ def _flag_type(f: dataclasses.Field):
     return {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
 
 
+def _default_note(f: dataclasses.Field) -> str:
+    """" Default: X." for --help when the field has a plain default its help text does not state already."""
+    value = f.default
+    if value is None or value is dataclasses.MISSING or isinstance(value, bool) or "default" in f.metadata["help"]:
+        return ""
+    return f" Default: {' '.join(map(str, value)) if isinstance(value, tuple) else value}."
+
+
 def _flag_kwargs(f: dataclasses.Field) -> dict[str, Any]:
     """argparse keywords of a field: --flag / --no-flag for booleans, several words for tuples, `choices` for
     keys with a "none" value whose --no-flag spelling sets it (--no-export = --export none)."""
-    kw: dict[str, Any] = {"help": f.metadata["help"], "default": None, "dest": f.name}
+    kw: dict[str, Any] = {"help": f.metadata["help"] + _default_note(f), "default": None, "dest": f.name}
     kind = str(f.type).split(" ")[0]
     if kind in ("bool", "<class 'bool'>"):
         kw["action"] = argparse.BooleanOptionalAction

@@ -156,11 +156,12 @@ def check_environment(options: ModelOptions, accelerator: str) -> None:
     """What the machine must offer for these flags, checked before anything loads (ConfigError, one line each):
     flash-attn for flash_attention_2, a CUDA GPU and bitsandbytes for --load-in-4bit, peft for --use-peft."""
     if options.attn_implementation == "flash_attention_2":
+        if accelerator != "cuda":  # first: installing flash-attn would not help here
+            raise ConfigError(f"--attn-implementation flash_attention_2 runs on CUDA GPUs only; on this {accelerator} "
+                              "machine use --attn-implementation sdpa")
         if importlib.util.find_spec("flash_attn") is None:
             raise ConfigError("--attn-implementation flash_attention_2 needs the flash-attn package (pip install "
                               "flash-attn --no-build-isolation); --attn-implementation sdpa needs nothing extra")
-        if accelerator == "cpu":
-            raise ConfigError("--attn-implementation flash_attention_2 runs on CUDA GPUs only; use sdpa on CPU")
     if options.load_in_4bit:
         if accelerator != "cuda" or not torch.cuda.is_available():
             raise ConfigError("--load-in-4bit (QLoRA) quantizes with bitsandbytes on CUDA GPUs only; on this "

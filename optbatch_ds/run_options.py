@@ -62,7 +62,8 @@ class ModelOptions:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"--lora-dropout {self.lora_dropout} must be in [0, 1)")
         if self.load_in_4bit and not self.use_peft:
-            raise ConfigError("--load-in-4bit quantizes the frozen base for LoRA training (QLoRA); add --use-peft")
+            raise ConfigError("--load-in-4bit quantizes the frozen base for LoRA training (QLoRA, CUDA GPUs only); "
+                              "add --use-peft")
 
 
 @dataclass
@@ -78,8 +79,9 @@ class OutputOptions:
                          "evaluations (best), or nothing (none; --no-export).", choices=EXPORTS, what="export")
     early_stopping_patience: int = option(0, "Stop when the held-out loss has not improved for N evaluations in a "
                                           "row (needs --eval-every); 0 = never.")
-    report_to: str = option("none", "Also send the step metrics and evaluations to tensorboard (output_dir/runs) or "
-                            "wandb (offline when there is no network); metrics.jsonl is written either way.",
+    report_to: str = option("none", "none | tensorboard | wandb: also send the step metrics and evaluations to "
+                            "tensorboard (output_dir/runs/<output_dir's name>) or wandb (offline when there is no "
+                            "network); metrics.jsonl is written either way.",
                             choices=REPORT_TO, what="tracker")
 
     def check_output_options(self) -> None:

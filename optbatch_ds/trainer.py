@@ -130,7 +130,9 @@ class Recipe:
                   f"({100.0 * info['trainable_params'] / max(self.n_params, 1):.2f}% trainable)" if peft
                   else "full fine-tuning") + f" | curvature {info['curvature']}")
         return (f"optbatch_ds | world {world} | model {prep.model_path} ({self.n_params / 1e6:.2f}M params) | {fit} | "
-                f"train {len(prep.pool)} samples | method {ob.method} | prune {ob.prune_ratio} | "
+                f"train {len(prep.pool)} samples | method {ob.method}"
+                + (f" (preset {ob.preset}: signal {ob.signal}, scoring {ob.scoring})" if ob.method == "optbatch" else "")
+                + f" | prune {ob.prune_ratio} | "
                 f"b {rs.train_batch_size} of c {rs.candidates} per step | {self.total_steps} steps")
 
     @property

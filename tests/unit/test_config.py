@@ -214,4 +214,6 @@ def test_machine_checks_run_before_loading(monkeypatch):
         check_environment(RunConfig(attn_implementation="flash_attention_2"), "cuda")
     with pytest.raises(ConfigError, match="CUDA GPUs only.*--use-peft without it"):
         check_environment(RunConfig(use_peft=True, load_in_4bit=True), "cpu")
+    with pytest.raises(ConfigError, match="CUDA GPUs only; on this cpu machine use --attn-implementation sdpa"):
+        check_environment(RunConfig(attn_implementation="flash_attention_2"), "cpu")  # not "pip install flash-attn"
     check_environment(RunConfig(use_peft=True, attn_implementation="sdpa"), "cpu")  # fine on CPU
