@@ -153,16 +153,11 @@ def _report(table: EncodedTable, examples: list, max_seq_len: int, on_bad_record
     truncated = np.asarray(table.dataset["truncated"], dtype=bool) if len(table) else np.zeros(0, dtype=bool)
     empty = np.flatnonzero(n_sup == 0)
     for i in empty.tolist():
-        handle(DataError(examples[i].source, "messages", f"no assistant token is left after truncation to "
-                         f"max_seq_len={max_seq_len} (the prompt fills it)",
-                         "a longer --max-seq-len or a shorter conversation", kind="no_supervised_tokens"),
-               on_bad_record, report)
+        handle(chat.no_answer_left(examples[i].source, max_seq_len), on_bad_record, report)
     n_truncated = int((truncated & (n_sup > 0)).sum())
     if n_truncated:
         report.note("truncated", n_truncated)
-    if n_truncated or len(empty):
-        logger.warning("max_seq_len=%d: %d of %d examples truncated (kept), %d skipped with no answer token left",
-                       max_seq_len, n_truncated, len(examples), len(empty))
+    chat.log_truncation(max_seq_len, n_truncated, len(examples), len(empty))
     if len(examples) and len(empty) == len(examples):
         raise DataError(examples[0].source.rsplit(":", 1)[0], None,
                         f"no example has a supervised token within max_seq_len={max_seq_len}",

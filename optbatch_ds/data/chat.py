@@ -246,6 +246,20 @@ def stop_token_ids(tokenizer) -> list[int]:
     return ids
 
 
+def no_answer_left(source: str, max_seq_len: int) -> DataError:
+    """The error of an example whose prompt fills max_seq_len, leaving no supervised token."""
+    return DataError(source, "messages", f"no assistant token is left after truncation to max_seq_len={max_seq_len} "
+                     "(the prompt fills it)", "a longer --max-seq-len or a shorter conversation",
+                     kind="no_supervised_tokens")
+
+
+def log_truncation(max_seq_len: int, n_truncated: int, n: int, n_empty: int) -> None:
+    """One warning for the truncated (kept) and emptied (skipped) examples, when there are any."""
+    if n_truncated or n_empty:
+        logger.warning("max_seq_len=%d: %d of %d examples truncated (kept), %d skipped with no answer token left",
+                       max_seq_len, n_truncated, n, n_empty)
+
+
 def encode_examples(examples: list[Example], tokenizer, max_seq_len: int, on_bad_record: str = "error",
                     report: SkipReport | None = None) -> list[Encoded | None]:
     """Encode every example; the result is aligned with `examples`, None where one was skipped.
@@ -263,10 +277,7 @@ def encode_examples(examples: list[Example], tokenizer, max_seq_len: int, on_bad
         enc = encode_example(ex, tokenizer, max_seq_len)
         enc.index = i
         if enc.n_supervised == 0:
-            handle(DataError(ex.source, "messages", f"no assistant token is left after truncation to "
-                             f"max_seq_len={max_seq_len} (the prompt fills it)",
-                             "a longer --max-seq-len or a shorter conversation", kind="no_supervised_tokens"),
-                   on_bad_record, report)
+            handle(no_answer_left(ex.source, max_seq_len), on_bad_record, report)
             n_empty += 1
             out.append(None)
             continue
@@ -274,9 +285,7 @@ def encode_examples(examples: list[Example], tokenizer, max_seq_len: int, on_bad
             report.note("truncated")
             n_truncated += 1
         out.append(enc)
-    if n_truncated or n_empty:
-        logger.warning("max_seq_len=%d: %d of %d examples truncated (kept), %d skipped with no answer token left",
-                       max_seq_len, n_truncated, len(examples), n_empty)
+    log_truncation(max_seq_len, n_truncated, len(examples), n_empty)
     if examples and all(e is None for e in out):
         raise DataError(examples[0].source.rsplit(":", 1)[0], None,
                         f"no example has a supervised token within max_seq_len={max_seq_len}",
