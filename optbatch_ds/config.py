@@ -40,11 +40,14 @@ DEFAULT_LR_PRETRAINED = 2e-5
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages")
 # What the baselines (random, online_hard, ccs, infobatch) rank and score by unless the section names it: the
 # loss, measured by a scoring forward each step, as they were published and as BENCHMARKS.md ran them.
-BASELINE = dict(signal="loss", scoring="fresh")
+BASELINE = dict(signal="loss", scoring="fresh", prior="fresh")
 # Named settings of the "optbatch" section; keys given next to "preset" override the preset's.
 PRESETS = {
     # the package's defaults (the declarations): the best setting without a reference model (BENCHMARKS.md)
     "default": {},
+    # fine-tuning a pretrained model (the default when train.py gets --model): per-task loss truncation, top-k,
+    # stale scoring, no forward for a candidate never measured (BENCHMARKS.md §7)
+    "finetune": dict(signal="truncation", strata=1, within="top", scoring="stale", prior="mean"),
     # with launch/reference.py's reference losses, the best setting of all: plain top-k by reducible loss
     "reference": dict(signal="reducible", strata=1, within="top", scoring="stale"),
     # OptBatch as published
@@ -62,11 +65,12 @@ class OptBatchConfig(SignalConfig, ScoringConfig, SelectionConfig):
 
     prune_ratio: float = option(0.3, "alpha: fraction of each candidate pool not trained on, in [0, 1); c = "
                                 "ceil(b / (1 - alpha)) candidates per step, b = train_batch_size.")
-    preset: str = option("default", "Named settings the other keys start from: default (the package's: signal "
-                         "neighbours, stale scoring, strata on loss, top within), reference (the default when "
-                         "reference_losses is given: top-k by reducible loss), paper (OptBatch as published: loss "
-                         "signal, fresh scoring, exp(loss) quotas, farthest-point). Keys beside it override it.",
-                         choices=tuple(PRESETS))
+    preset: str = option("default", "Named settings the other keys start from: finetune (the default for a "
+                         "pretrained --model: top-k by the truncation signal, stale scoring, prior mean), default "
+                         "(the default for the built-in model trained from scratch: signal neighbours, stale scoring, "
+                         "strata on loss, top within), reference (the default when reference_losses is given: top-k "
+                         "by reducible loss), paper (OptBatch as published: loss signal, fresh scoring, exp(loss) "
+                         "quotas, farthest-point). Keys beside it override it.", choices=tuple(PRESETS))
 
     def __post_init__(self):
         SelectionConfig.__post_init__(self)
@@ -82,9 +86,13 @@ class OptBatchConfig(SignalConfig, ScoringConfig, SelectionConfig):
         object.__setattr__(self, "prune_ratio", ratio)
 
     @classmethod
-    def from_dict(cls, section: dict) -> "OptBatchConfig":
+    def from_dict(cls, section: dict, pretrained: bool = False) -> "OptBatchConfig":
         """The JSON section as written; unknown keys are a ConfigError naming the nearest known one.
 
+        Without a "preset" key the preset is chosen by what is trained (BENCHMARKS.md): "reference" when
+        `reference_losses` is given, else "finetune" when `pretrained` (a user's model: launch/train.py --model,
+        the Trainer integration), else "default" (the built-in model, trained from scratch). The baselines
+        (method other than optbatch) start from their published settings instead unless a preset is named.
         Keys starting with "_" are notes for people ("_comment"), as in the rest of the DeepSpeed JSON.
         """
         if not isinstance(section, dict):
@@ -95,13 +103,14 @@ class OptBatchConfig(SignalConfig, ScoringConfig, SelectionConfig):
             if key not in valid:
                 raise ConfigError(f'"optbatch" has an unknown key \'{key}\'{nearest_name(key, valid)}')
         # reference losses given and no preset named: use them the way that works best
-        preset = section.get("preset", "reference" if section.get("reference_losses") else "default")
+        preset = section.get("preset", "reference" if section.get("reference_losses") else
+                             "finetune" if pretrained else "default")
         if preset not in PRESETS:
             raise ConfigError(f'"optbatch".preset: \'{preset}\' is not one of {", ".join(PRESETS)}'
                               f"{nearest_name(preset, PRESETS)}")
         start = PRESETS[preset]
         if section.get("method", start.get("method", "optbatch")) != "optbatch" and "preset" not in section:
-            start = {**start, **BASELINE}  # the baselines as published, unless a key beside them says otherwise
+            start = dict(BASELINE)  # the baselines as published, unless a key beside them says otherwise
         return cls(**{**start, **section, "preset": preset})  # config.json names the preset that was used
 
     @property
@@ -353,7 +362,7 @@ def _optbatch_section(run: RunConfig, ds: dict) -> OptBatchConfig:
         section["reference_losses"] = run.reference_losses
     if section.get("method") == "full" and run.prune_ratio is None:
         section["prune_ratio"] = 0.0
-    return OptBatchConfig.from_dict(section)
+    return OptBatchConfig.from_dict(section, pretrained=run.model is not None)
 
 
 def _batch_sizes(path: str, ds: dict, world_size: int) -> tuple[int, int, int]:

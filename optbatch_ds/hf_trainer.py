@@ -78,15 +78,16 @@ __all__ = ["OptBatchConfig", "OptBatchMixin", "OptBatchTrainer", "optbatch_confi
 
 
 def optbatch_config_from(optbatch, args) -> OptBatchConfig:
-    """An OptBatchConfig, a dict of its fields, or None: the DeepSpeed JSON's "optbatch" section, else defaults."""
+    """An OptBatchConfig, a dict of its fields, or None: the DeepSpeed JSON's "optbatch" section, else defaults
+    (a Trainer fine-tunes a pretrained model: without a "preset" key, the "finetune" preset)."""
     if isinstance(optbatch, OptBatchConfig):
         return optbatch
     if isinstance(optbatch, dict):
-        return OptBatchConfig.from_dict(optbatch)
+        return OptBatchConfig.from_dict(optbatch, pretrained=True)
     if optbatch is None:
         hf_ds = getattr(args, "hf_deepspeed_config", None)
         section = hf_ds.config.get("optbatch") if hf_ds is not None else None
-        return OptBatchConfig.from_dict(section) if section else OptBatchConfig()
+        return OptBatchConfig.from_dict(section or {}, pretrained=True)
     raise TypeError(f"optbatch must be an OptBatchConfig, a dict or None, got {type(optbatch).__name__}")
 
 

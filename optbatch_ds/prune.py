@@ -47,7 +47,7 @@ from optbatch_ds.data import EpochSampler
 from optbatch_ds.data.readers import BOM
 from optbatch_ds.scoring import CurvaturePolicy, curvature_inv_sqrt
 from optbatch_ds.selection import Selector
-from optbatch_ds.signals import SignalContext, reference_losses, signal_values
+from optbatch_ds.signals import SignalContext, reference_losses, signal_values, task_groups
 from optbatch_ds.session import Prepared, build_engine, prepare_data_and_model, resolve_here, seed_everything
 
 SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -290,7 +290,7 @@ def _select_pool(rt: ob_step.SelectionRuntime, pool_id: int, scores: ob_step.Sco
     k = min(cfg.strata, int(finite.sum()))
     if cfg.method in ("optbatch", "ccs") and 0 < k < cfg.strata:
         selector = Selector(dataclasses.replace(cfg, strata=k))
-    ctx = SignalContext(rt.reference, rt.store, rt.optbatch.seed, pool_id + 1)
+    ctx = SignalContext(rt.reference, rt.store, rt.optbatch.seed, pool_id + 1, rt.groups, len(ids))
     result = selector(pool_id + 1, losses, sketches, budget, signal_values(rt.optbatch.signal, losses, sketches, ids, ctx))
     strata = [int(s) if s >= 0 else None for s in result.strata.tolist()]
     return result.indices.tolist(), result.weights.tolist(), result.info, strata
@@ -365,7 +365,7 @@ def select_dataset(job: Job, local_rank: int) -> dict | None:
     curvature = CurvaturePolicy.build(ob, engine.module, adam=lambda: curvature_inv_sqrt(engine, ob.eps))
     rt = ob_step.SelectionRuntime.build(engine.module, ob, rs.sizes, prep.tokenizer.pad_token_id, curvature, None,
                                         job.rank)
-    rt.attach(len(prep.encoded), reference_losses(ob, prep.examples)[0])
+    rt.attach(len(prep.encoded), reference_losses(ob, prep.examples)[0], task_groups(e.task for e in prep.examples))
     per_example, pool_info = _score_pools(rt, engine, prep, job, times)
     summary = None
     if job.rank == 0:

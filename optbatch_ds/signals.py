@@ -13,6 +13,13 @@ record it needs (`SampleStore`): DESIGN §2b, "select what is learnable".
                recorded losses and sketches (no extra forward); 0 where a candidate has no sketch yet.
     progress   1 - loss / first loss: how much of its loss at first sight the learner has already shed
                (reference-free; in BENCHMARKS.md as an ablation). 0 on first sight.
+    truncation minus the candidate's loss standardised within its task: (loss - median) / (IQR / 1.349) over the
+               losses of the same task (`Example.task`; one group when the data has no task labels) recorded in
+               the same window of steps (~WINDOW_SAMPLES samples), so that a loss is judged against losses of the
+               same age; 0 for a candidate never measured. Loss truncation (Kang & Hashimoto, "Improved Natural Language Generation via Loss
+               Truncation", ACL 2020) made per-task: with top-k it drops the share of each task the learner
+               finds least likely, which in fine-tuning a pretrained base are mostly the wrong answers
+               (BENCHMARKS.md). Reference-free; no sketches.
 
 Every signal is a float per candidate, higher = more worth training; selection is unchanged apart from
 ranking by it (strata are its quantiles, the exp(signal / tau) draw sets the quotas, online_hard takes its
@@ -38,7 +45,10 @@ from optbatch_ds.data.hashing import example_hash
 from optbatch_ds.errors import ConfigError
 from optbatch_ds.options import bad, check_choices, option
 
-SIGNALS = ("loss", "reducible", "neighbours", "progress")
+SIGNALS = ("loss", "reducible", "neighbours", "progress", "truncation")
+STORE_SIGNALS = ("progress", "neighbours", "truncation")  # signals that read the SampleStore, whatever the scoring
+MIN_GROUP = 8               # truncation: recorded losses a task's window needs before its own median and spread count
+WINDOW_SAMPLES = 320        # truncation: recorded samples per window of steps (20 steps of a 16-sample batch)
 NEIGHBOURS = 10              # k of the neighbours signal
 NEIGHBOUR_POOL = 8192        # recorded samples the neighbours are searched among (a seeded subset beyond this)
 LOSSES_FILE, COST_FILE = "reference_losses.jsonl", "cost.json"  # what launch/reference.py writes
@@ -51,7 +61,8 @@ class SignalConfig:
     signal: str = option("neighbours", "What strata, quotas and the within-stratum choice rank candidates by: loss (the "
                          "paper's); reducible (loss minus the reference loss of launch/reference.py: learnable, not "
                          "wrong); neighbours (reference-free: minus the excess of the loss over that of the nearest "
-                         "samples in sketch space); progress (1 - loss / first loss).", choices=SIGNALS)
+                         "samples in sketch space); progress (1 - loss / first loss); truncation (minus the loss "
+                         "standardised within its task: drops what the learner finds least likely).", choices=SIGNALS)
     reference_losses: str | None = option(None, "Output folder of launch/reference.py (or its reference_losses.jsonl); "
                                           "needed by signal reducible. Its cost is added to the run's FLOPs.")
 
@@ -136,16 +147,70 @@ def progress(losses: torch.Tensor, first: np.ndarray) -> torch.Tensor:
     return 1.0 - losses.to(torch.float64) / torch.from_numpy(np.asarray(first, dtype=np.float64))
 
 
+def robust_standardise(losses: np.ndarray, keys: np.ndarray, pool_losses: np.ndarray, pool_keys: np.ndarray,
+                       min_count: int = MIN_GROUP) -> np.ndarray:
+    """(loss - median) / (IQR / 1.349) of each candidate, the median and IQR taken over the finite pool losses with
+    the candidate's key: float64 (c,). NaN where that key has fewer than `min_count` finite pool losses, and
+    where the loss is NaN. IQR / 1.349 is the normal-consistent spread; a zero spread counts as 1.
+
+    losses (c,), keys (c,) int; pool_losses (m,), pool_keys (m,) int."""
+    losses, pool_losses = np.asarray(losses, np.float64), np.asarray(pool_losses, np.float64)
+    keys, pool_keys = np.asarray(keys), np.asarray(pool_keys)
+    out = np.full(losses.shape, np.nan)
+    finite = np.isfinite(pool_losses)
+    for key in np.unique(keys):
+        ref = pool_losses[finite & (pool_keys == key)]
+        if ref.size < max(min_count, 1):
+            continue
+        q1, med, q3 = np.percentile(ref, [25, 50, 75])
+        spread = (q3 - q1) / 1.349
+        mine = keys == key
+        out[mine] = (losses[mine] - med) / (spread if spread > 0 else 1.0)
+    return out
+
+
 @dataclass
 class SignalContext:
     """What the signals read besides the candidates' own losses: the reference loss per dataset index (NaN
-    filled), the SampleStore (first losses; recorded losses and sketches for neighbours), and the seed and step
-    that fix the neighbours' search subset."""
+    filled), the SampleStore (first losses; recorded losses and sketches for neighbours), the task group of
+    every dataset index (int (N,), or None: one group), and the seed and step that fix the neighbours' search
+    subset."""
 
     reference: np.ndarray | None = None
     store: "SampleStore | None" = None
     seed: int = 0
     step: int = 0
+    groups: np.ndarray | None = None
+    batch: int = 0           # samples recorded per step (the train batch): sets the truncation signal's window
+
+
+def _truncation(losses: torch.Tensor, ids: np.ndarray, ctx: SignalContext) -> torch.Tensor:
+    """The truncation signal (module docstring): minus the candidate's loss standardised among the losses of its
+    task recorded in the same window of steps (its contemporaries: losses fall as training goes on, so a loss
+    recorded early is compared with others recorded early), else among all of its task's, else among all
+    recorded; 0 (its task's median) for a candidate never measured, whose loss is only a prior."""
+    out = np.zeros(len(ids))
+    store = ctx.store
+    if store is None:
+        return torch.from_numpy(out)
+    groups = ctx.groups if ctx.groups is not None else np.zeros(store.loss.shape[0], dtype=np.int64)
+    window = max(1, math.ceil(WINDOW_SAMPLES / ctx.batch)) if ctx.batch else 1
+    buckets = np.maximum(store.step, 0) // window
+    measured = store.step[ids] >= 0
+    if not measured.any():
+        return torch.from_numpy(out)
+    loss = losses.detach().cpu().numpy().astype(np.float64)[measured]
+    mine = ids[measured]
+    n_groups = int(groups.max()) + 1
+    z = robust_standardise(loss, buckets[mine] * n_groups + groups[mine], store.loss, buckets * n_groups + groups)
+    for keys, pool_keys in ((groups[mine], groups), (np.zeros(len(mine)), np.zeros(len(groups)))):
+        todo = np.isnan(z)
+        if not todo.any():
+            break
+        z[todo] = robust_standardise(loss[todo], keys[todo], store.loss, pool_keys, min_count=2)
+    out[measured] = -np.nan_to_num(z, nan=0.0)
+    out[~torch.isfinite(losses).cpu().numpy()] = np.nan  # excluded by select, like every signal's
+    return torch.from_numpy(out)
 
 
 def _neighbours(losses: torch.Tensor, sketches: torch.Tensor | None, ids: np.ndarray, ctx: SignalContext):
@@ -184,7 +249,17 @@ def signal_values(name: str, losses: torch.Tensor, sketches: torch.Tensor | None
         first = ctx.store.first_loss[ids].astype(np.float64) if ctx.store is not None else np.full(len(ids), np.nan)
         first = np.where(np.isnan(first), losses.detach().cpu().numpy().astype(np.float64), first)
         return progress(losses, first)
+    if name == "truncation":
+        return _truncation(losses, ids, ctx)
     raise ValueError(f"unknown signal {name!r}")
+
+
+def task_groups(tasks) -> np.ndarray:
+    """int64 (N,): one group id per record, the same for records of the same task (ids in sorted task order)."""
+    tasks = list(tasks)
+    names = sorted(set(tasks))
+    index = {t: g for g, t in enumerate(names)}
+    return np.array([index[t] for t in tasks], dtype=np.int64)
 
 
 def fill_reference(values: np.ndarray) -> tuple[np.ndarray, int, float]:

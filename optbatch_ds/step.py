@@ -5,7 +5,7 @@ offline pruning (`offline`) call these functions on every rank, around one `Sele
 once per run:
 
     rt = SelectionRuntime.build(engine.module, optbatch, sizes, pad_id, curvature, total_steps, rank)
-    rt.attach(num_samples, reference)                                  # per-sample state (stale scoring, signals)
+    rt.attach(num_samples, reference, groups)                          # per-sample state (stale scoring, signals)
     choice = choose_batch(rt, engine, dataset, candidates, step, timers)   # 2-5: score, gather, select, broadcast
     trained = train_on(rt, engine, dataset, my_ids, my_weights, step)      # 6: forward, backward, optimizer step
     record_training(rt, selected, trained, step)                           # stale: what training measured
@@ -31,7 +31,7 @@ from optbatch_ds.config import BatchSizes, OptBatchConfig
 from optbatch_ds.scoring.features import RowCurvature
 from optbatch_ds.scoring.forward import LmHeadInput, Scorer
 from optbatch_ds.selection import Selector, mean_nn_distance, step_generator
-from optbatch_ds.signals import SampleStore, SignalContext, signal_values
+from optbatch_ds.signals import STORE_SIGNALS, SampleStore, SignalContext, signal_values
 
 # The parts of a step, timed apart (seconds), in the order they run; metrics.jsonl's "time" has each.
 TIME_PARTS = ("draw", "curvature", "score_forward", "features", "gather", "select", "broadcast", "train",
@@ -64,6 +64,7 @@ class SelectionRuntime:
     `scoring.CurvaturePolicy` (which may also return a RowCurvature: the ema policy, fed by every forward that
     computes features); read at most once per step (`inv_sqrt_v`), and only when the features need it.
     reference: the reference loss of every dataset index (signal reducible), NaN filled; rank 0 only.
+    groups: the task group of every dataset index (signal truncation), int (N,), or None (one group); rank 0 only.
     store: recorded losses and sketches per dataset index (scoring stale); rank 0 only.
     measured: per dataset index, whether the store holds a value; identical on every rank (each rank knows
     what was trained and scored, so no communication keeps it in step).
@@ -76,6 +77,7 @@ class SelectionRuntime:
     rank: int
     curvature: Callable[[], torch.Tensor | None]
     reference: np.ndarray | None = None
+    groups: np.ndarray | None = None
     store: SampleStore | None = None
     measured: np.ndarray | None = None
     group_by_length: bool = False   # deal each step's samples to ranks and micro-batches by length (`share`)
@@ -90,12 +92,12 @@ class SelectionRuntime:
         return cls(optbatch, Selector(optbatch.selection_config(), total_steps=total_steps), scorer, sizes, rank,
                    curvature)
 
-    def attach(self, num_samples: int, reference: np.ndarray | None = None) -> None:
-        """The per-sample state of a dataset of `num_samples` indices: the reference losses (rank 0 keeps them)
-        and, with scoring stale, the store (rank 0) and the measured flags (every rank)."""
+    def attach(self, num_samples: int, reference: np.ndarray | None = None, groups: np.ndarray | None = None) -> None:
+        """The per-sample state of a dataset of `num_samples` indices: the reference losses and task groups (rank 0
+        keeps them) and, with scoring stale, the store (rank 0) and the measured flags (every rank)."""
         if self.rank == 0:
-            self.reference = reference
-        if self.optbatch.stale or self.optbatch.signal in ("progress", "neighbours"):  # they read the store
+            self.reference, self.groups = reference, groups
+        if self.optbatch.stale or self.optbatch.signal in STORE_SIGNALS:
             self.measured = np.zeros(num_samples, dtype=bool)
             if self.rank == 0:
                 # without a projection (sketch_dim 0, or not below the vocabulary) the features themselves
@@ -231,7 +233,7 @@ def _select(rt: SelectionRuntime, scores: Scores, cand: list, step: int):
     ob, c, b = rt.optbatch, rt.sizes.candidates, rt.sizes.train_batch_size
     refresh = int(round(ob.refresh * b)) if ob.stale else 0
     losses = scores.losses if ob.needs_scores else torch.zeros(c)
-    ctx = SignalContext(rt.reference, rt.store, ob.seed, step)
+    ctx = SignalContext(rt.reference, rt.store, ob.seed, step, rt.groups, b)
     signal = signal_values(ob.signal, losses, scores.sketches, cand, ctx) if ob.needs_scores else None
     result = rt.selector(step, losses, scores.sketches, b - refresh, signal)
     positions = torch.as_tensor(result.indices, dtype=torch.long)

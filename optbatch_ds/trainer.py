@@ -23,7 +23,7 @@ from optbatch_ds.errors import ConfigError, ResumeError
 from optbatch_ds.evaluate import EvalSettings, evaluate, format_table
 from optbatch_ds.keeping import Keeper
 from optbatch_ds.modeling import check_environment
-from optbatch_ds.signals import reference_losses
+from optbatch_ds.signals import reference_losses, task_groups
 from optbatch_ds.runlog import RunLog, selection_line
 from optbatch_ds.scoring import CurvaturePolicy, curvature_inv_sqrt
 from optbatch_ds.session import Prepared, build_engine, prepare_data_and_model, resolve_here, seed_everything
@@ -109,7 +109,7 @@ class Recipe:
             log0(f"skipped {prep.report.count()} records (listed in {out}/bad_records.json)")
         rt = ob_step.SelectionRuntime.build(engine.module, rs.optbatch, rs.sizes, prep.tokenizer.pad_token_id,
                                             policy, total_steps, rank)
-        rt.attach(len(prep.encoded), reference)
+        rt.attach(len(prep.encoded), reference, task_groups(e.task for e in prep.examples))
         rt.group_by_length = rt.scorer.by_length = run.group_by_length
         keeper = Keeper.build(rs, engine, prep, out, rank, keep_alive)
         recipe = cls(run, rank, out, prep, rs, engine, n_params, rt, EpochSampler(len(prep.pool), seed=run.seed),

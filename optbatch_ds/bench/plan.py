@@ -183,7 +183,7 @@ def make_plan(args, variants, ratios: list[float], base: dict, n_train: int | No
         for ratio in v_ratios:
             section = {**(ds.get("optbatch") or {}), "method": variant.method, "prune_ratio": ratio}
             try:
-                OptBatchConfig.from_dict(section)
+                OptBatchConfig.from_dict(section, pretrained=args.model is not None)
                 run = RunConfig(deepspeed=ds_path, model=args.model, data=args.data, eval_data=args.eval_data,
                                 epochs=args.epochs, max_steps=args.max_steps, method=variant.method,
                                 prune_ratio=ratio)

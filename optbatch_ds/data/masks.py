@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import re
+import weakref
 from dataclasses import dataclass
 
 from .templates import ChatTemplateError, template_for, tokens_of
@@ -235,18 +236,27 @@ _patterns_cache: dict = {}
 def _control_patterns(tokenizer):
     """(special tokens, other added tokens) as regexes, longest first so <|im_end|> beats a prefix of it.
     Closing tokens are looked for among the special ones first: added tokens such as Qwen's <tool_call> or
-    <think> are text the model writes inside a turn, not its end. Cached per tokenizer and vocabulary size."""
+    <think> are text the model writes inside a turn, not its end. Cached per tokenizer object and vocabulary size
+    (a weak reference checks that the object is still the one cached: a new tokenizer can reuse a freed id)."""
     key = (id(tokenizer), len(tokenizer))
-    if key not in _patterns_cache:
-        special = set(getattr(tokenizer, "all_special_tokens", []) or [])
-        for tok in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
-            if getattr(tok, "special", False):
-                special.add(str(tok))
-        added = tokens_of(tokenizer) - special
-        order = lambda t: (-len(t), t)  # noqa: E731
-        _patterns_cache[key] = (_pattern(tuple(sorted((t for t in special if t), key=order))),
-                                _pattern(tuple(sorted((t for t in added if t), key=order))))
-    return _patterns_cache[key]
+    hit = _patterns_cache.get(key)
+    if hit is not None and hit[0]() is tokenizer:
+        return hit[1]
+    try:
+        ref = weakref.ref(tokenizer)
+    except TypeError:  # not weak-referenceable: compute every time
+        ref = None
+    special = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values():
+        if getattr(tok, "special", False):
+            special.add(str(tok))
+    added = tokens_of(tokenizer) - special
+    order = lambda t: (-len(t), t)  # noqa: E731
+    patterns = (_pattern(tuple(sorted((t for t in special if t), key=order))),
+                _pattern(tuple(sorted((t for t in added if t), key=order))))
+    if ref is not None:
+        _patterns_cache[key] = (ref, patterns)
+    return patterns
 
 
 def _token_start(text: str, pos: int, patterns) -> int:

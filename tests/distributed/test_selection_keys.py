@@ -53,6 +53,7 @@ CASES = {
     "stale_neighbours_top": dict(scoring="stale", signal="neighbours", strata=1, within="top", refresh=0.125),
     "reducible_mean_prior": dict(scoring="stale", signal="reducible", prior="mean", strata=1, within="top"),
     "progress_fresh": dict(signal="progress", within="random"),
+    "truncation_mean_prior": dict(scoring="stale", signal="truncation", prior="mean", strata=1, within="top"),
     "paper_preset": dict(preset="paper"),
 }
 

@@ -260,3 +260,19 @@ def test_evaluation_decoding_stops_on_every_turn_end():
     assert seen["eos_token_id"] == [tok.eos_token_id, im_end]
     assert seen["prompt"].endswith("Who am I?<|im_end|>\n<|im_start|>assistant\n")
     assert preds == {0: "Oslo"}
+
+
+def test_control_token_cache_is_not_fooled_by_a_reused_id():
+    """The control-token patterns are cached per tokenizer; a freed tokenizer's id can be reused by a new one of
+    the same vocabulary size (it happened in this suite: a llama3 tokenizer got chatml's patterns and its masks
+    went wrong). A stale entry under the new tokenizer's key must not be used."""
+    import weakref
+
+    from optbatch_ds.data import masks
+
+    old, new = family_tokenizer("chatml"), family_tokenizer("llama3")
+    stale = masks._control_patterns(old)
+    masks._patterns_cache[(id(new), len(new))] = (weakref.ref(old), stale)  # what a reused id looks like
+    got = masks._control_patterns(new)
+    assert got != stale and got[0].search("a<|eot_id|>b").group(0) == "<|eot_id|>"
+    assert masks._control_patterns(new) is got  # and now it is cached for the new tokenizer

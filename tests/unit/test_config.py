@@ -5,6 +5,7 @@ import math
 import pytest
 
 from optbatch_ds.config import ConfigError, OptBatchConfig, RunConfig, num_candidates, parse_args, planned_steps, resolve
+from optbatch_ds.config import _optbatch_section
 
 pytestmark = pytest.mark.unit
 
@@ -60,10 +61,29 @@ def test_shipped_configs_use_the_package_defaults_and_comments_are_ignored():
     assert (with_refs.signal, with_refs.preset) == ("reducible", "reference")  # config.json names the preset used
 
 
+def test_the_preset_follows_what_is_trained():
+    """No "preset" key: a pretrained model (--model, the Trainer) gets "finetune", the built-in model trained
+    from scratch "default", reference losses "reference"; a named preset and keys beside it win."""
+    ft = OptBatchConfig.from_dict({}, pretrained=True)
+    assert (ft.preset, ft.signal, ft.strata, ft.within, ft.scoring, ft.prior) == (
+        "finetune", "truncation", 1, "top", "stale", "mean")
+    assert OptBatchConfig.from_dict({}).preset == "default" and OptBatchConfig.from_dict({}).signal == "neighbours"
+    assert OptBatchConfig.from_dict({"reference_losses": "r"}, pretrained=True).preset == "reference"
+    assert OptBatchConfig.from_dict({"preset": "default"}, pretrained=True).signal == "neighbours"
+    assert OptBatchConfig.from_dict({"prior": "fresh"}, pretrained=True).prior == "fresh"
+    run = parse_args(["--deepspeed", "ds_configs/zero3.json", "--model", "some/dir"])
+    assert _optbatch_section(run, {}).preset == "finetune"
+    assert _optbatch_section(parse_args(["--deepspeed", "ds_configs/zero3.json"]), {}).preset == "default"
+    from optbatch_ds.hf_trainer import optbatch_config_from
+    assert optbatch_config_from({"prune_ratio": 0.5}, None).preset == "finetune"
+
+
 @pytest.mark.parametrize("method", ["random", "online_hard", "ccs", "infobatch"])
 def test_baselines_rank_by_a_fresh_loss_unless_told_otherwise(method):
     cfg = OptBatchConfig.from_dict({"method": method})
     assert (cfg.signal, cfg.scoring) == ("loss", "fresh")
+    cfg = OptBatchConfig.from_dict({"method": method}, pretrained=True)  # not the finetune preset's keys
+    assert (cfg.signal, cfg.scoring, cfg.prior, cfg.strata) == ("loss", "fresh", "fresh", 3)
     cfg = OptBatchConfig.from_dict({"method": method, "signal": "progress", "scoring": "stale"})
     assert (cfg.signal, cfg.scoring) == ("progress", "stale")
     assert OptBatchConfig.from_dict({"method": "optbatch"}).signal == "neighbours"

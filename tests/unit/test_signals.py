@@ -18,7 +18,7 @@ from optbatch_ds.data.hashing import record_hash
 from optbatch_ds.errors import ConfigError
 from optbatch_ds.selection import SelectionConfig, select, step_generator
 from optbatch_ds.signals import (LOSSES_FILE, ReferenceLosses, SampleStore, SignalConfig, SignalContext,
-                                 fill_reference, neighbour_excess, signal_values)
+                                 fill_reference, neighbour_excess, robust_standardise, signal_values, task_groups)
 
 pytestmark = pytest.mark.unit
 
@@ -185,3 +185,65 @@ def test_neighbours_signal_flags_the_sample_out_of_line_with_its_look_alikes():
     sketches = torch.from_numpy(sk[cand].astype(np.float32))
     sig = signal_values("neighbours", losses, sketches, cand, SignalContext(store=store, seed=0, step=3))
     assert float(sig[0]) < -1.5 and abs(float(sig[1])) < 0.2
+
+
+def test_robust_standardise_against_a_plain_loop():
+    rng = np.random.default_rng(11)
+    for trial in range(5):
+        m, c = int(rng.integers(40, 200)), int(rng.integers(5, 40))
+        pool_k = rng.integers(0, 6, m)
+        pool_l = rng.gamma(2.0, 1.0 + pool_k, m)       # each key its own scale
+        pool_l[rng.random(m) < 0.2] = np.nan            # never measured
+        cand_k, cand_l = rng.integers(0, 7, c), rng.gamma(2.0, 1.5, c)   # key 6: nobody recorded
+        got = robust_standardise(cand_l, cand_k, pool_l, pool_k, min_count=8)
+        for i in range(c):
+            ref = [v for v, k in zip(pool_l, pool_k) if k == cand_k[i] and math.isfinite(v)]
+            if len(ref) < 8:
+                assert math.isnan(got[i])
+                continue
+            q1, med, q3 = np.quantile(np.array(ref), [0.25, 0.5, 0.75])
+            assert got[i] == pytest.approx((cand_l[i] - med) / ((q3 - q1) / 1.349), rel=1e-9), (trial, i)
+    got = robust_standardise(np.array([2.0, np.nan]), np.array([0, 0]), np.array([1.0, 1.0, 1.0]), np.zeros(3, int), 2)
+    assert got[0] == pytest.approx(1.0) and math.isnan(got[1])   # zero spread counts as 1; NaN stays NaN
+
+
+def test_truncation_signal_drops_the_least_likely_of_each_task():
+    """Two tasks on different loss scales, each with a few outliers: top-k by the truncation signal keeps every
+    ordinary record of both tasks and drops the outliers, where top-k by minus the raw loss would drop only the
+    hard task's records."""
+    rng = np.random.default_rng(3)
+    n = 400
+    tasks = ["easy" if i % 2 else "hard" for i in range(n)]
+    groups = task_groups(iter(tasks))
+    assert groups.tolist() == [1 if t == "hard" else 0 for t in tasks]
+    loss = np.where(groups == 0, 0.3, 2.0) + rng.random(n) * 0.1
+    outliers = np.arange(0, n, 5)                       # 80 records, both tasks, far above their task
+    loss[outliers] += 1.0
+    store = SampleStore(n, 0)
+    store.record(np.arange(n), torch.from_numpy(loss.astype(np.float32)), None, 1)
+    ids = np.arange(n)
+    sig = signal_values("truncation", torch.from_numpy(loss), None, ids, SignalContext(store=store, groups=groups))
+    kept = set(np.argsort(-sig.numpy(), kind="stable")[: n - len(outliers)].tolist())
+    assert kept == set(ids.tolist()) - set(outliers.tolist())
+    by_raw = set(np.argsort(loss, kind="stable")[: n - len(outliers)].tolist())
+    assert by_raw != kept
+    # without task labels (one group) the signal is minus the loss standardised over every record
+    one = signal_values("truncation", torch.from_numpy(loss), None, ids, SignalContext(store=store))
+    assert np.argsort(-one.numpy(), kind="stable").tolist() == np.argsort(loss, kind="stable").tolist()
+
+
+def test_truncation_judges_a_loss_against_losses_of_its_age():
+    """Losses fall over training: a loss recorded early is compared with the others recorded early. A candidate
+    never measured gets 0 (its task's median), whatever prior loss it carries; a non-finite loss stays NaN."""
+    store = SampleStore(300, 0)
+    early, late = np.arange(0, 150), np.arange(150, 298)
+    rng = np.random.default_rng(0)
+    store.record(early, torch.from_numpy((3.0 + rng.random(150)).astype(np.float32)), None, 1)
+    store.record(late, torch.from_numpy((1.0 + rng.random(148)).astype(np.float32)), None, 200)
+    ids = np.array([0, 150, 298, 299])            # one early, one late, two never measured
+    losses = torch.tensor([3.5, 3.5, 9.0, float("nan")], dtype=torch.float64)
+    store.loss[0], store.loss[150] = 3.5, 3.5
+    sig = signal_values("truncation", losses, None, ids, SignalContext(store=store, batch=16)).numpy()
+    assert abs(sig[0]) < 0.3          # typical of the early records
+    assert sig[1] < -3.0              # far above the late records: dropped first
+    assert sig[2] == 0.0 and math.isnan(sig[3])
