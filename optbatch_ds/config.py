@@ -24,6 +24,7 @@ from optbatch_ds.data.templates import check_choice as check_chat_template
 from optbatch_ds.ds_json import (add_missing_sections, check_no_auto_left, check_precision, fill_hf_autos, is_auto,
                                  model_hidden_size, needs_hidden_size)
 from optbatch_ds.errors import ConfigError, nearest_name
+from optbatch_ds.modeling import is_untrained
 from optbatch_ds.options import as_float, bad, option
 from optbatch_ds.run_options import ModelOptions, OutputOptions
 from optbatch_ds.scoring.config import FEATURES, ScoringConfig
@@ -111,7 +112,10 @@ class OptBatchConfig(SignalConfig, ScoringConfig, SelectionConfig):
         start = PRESETS[preset]
         if section.get("method", start.get("method", "optbatch")) != "optbatch" and "preset" not in section:
             start = dict(BASELINE)  # the baselines as published, unless a key beside them says otherwise
-        return cls(**{**start, **section, "preset": preset})  # config.json names the preset that was used
+        keys = {**start, **section, "preset": preset}  # config.json names the preset that was used
+        if keys.get("scoring", "stale") != "stale" and "prior" not in section:
+            keys.pop("prior", None)  # a preset's prior means nothing once the section asks for fresh scoring
+        return cls(**keys)
 
     @property
     def needs_scores(self) -> bool:
@@ -362,7 +366,8 @@ def _optbatch_section(run: RunConfig, ds: dict) -> OptBatchConfig:
         section["reference_losses"] = run.reference_losses
     if section.get("method") == "full" and run.prune_ratio is None:
         section["prune_ratio"] = 0.0
-    return OptBatchConfig.from_dict(section, pretrained=run.model is not None)
+    # a user's --model is pretrained; the built-in model's own directory (as tests and demos pass it) is not
+    return OptBatchConfig.from_dict(section, pretrained=run.model is not None and not is_untrained(run.model))
 
 
 def _batch_sizes(path: str, ds: dict, world_size: int) -> tuple[int, int, int]:

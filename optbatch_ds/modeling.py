@@ -101,6 +101,22 @@ def new_default_model(texts: list[str], out_dir: str, seed: int = 0, vocab_size:
     return model, tokenizer
 
 
+UNTRAINED_MARKER = "optbatch_untrained.json"  # in the built-in model's directory: freshly initialised, never trained
+
+
+def mark_untrained(model_dir: str) -> None:
+    """Mark `model_dir` as a freshly initialised model (so --model with it trains from scratch: `is_untrained`)."""
+    with open(os.path.join(model_dir, UNTRAINED_MARKER), "w", encoding="utf-8") as f:
+        json.dump({"untrained": True, "note": "the built-in model as initialised by optbatch_ds; training it is "
+                   "training from scratch (the 'default' preset, not 'finetune')"}, f)
+
+
+def is_untrained(model_dir: str | None) -> bool:
+    """Whether `model_dir` is the built-in model as initialised (it carries UNTRAINED_MARKER; a checkpoint or
+    export of a trained model does not). False for None and for anything else, which is taken as pretrained."""
+    return model_dir is not None and os.path.isfile(os.path.join(model_dir, UNTRAINED_MARKER))
+
+
 def build_default_model(texts: list[str], cache_dir: str, seed: int = 0, vocab_size: int = DEFAULT_VOCAB_SIZE,
                         config_overrides: dict | None = None) -> str:
     """Build (or reuse) the default model directory; returns its path. Safe to call from many ranks:
@@ -110,12 +126,13 @@ def build_default_model(texts: list[str], cache_dir: str, seed: int = 0, vocab_s
     model_config = {**DEFAULT_MODEL_CONFIG, **(config_overrides or {})}
     # The template is part of the key: a cached tokenizer keeps the built-in template it was saved with.
     template = hashlib.sha256(BUILTIN_CHAT_TEMPLATE.encode()).hexdigest()[:8]
-    key = fingerprint(texts, seed, {**model_config, "vocab": vocab_size, "template": template})
+    key = fingerprint(texts, seed, {**model_config, "vocab": vocab_size, "template": template, "marked": 1})
 
     def build(tmp: str) -> None:
         model, tokenizer = new_default_model(texts, tmp, seed, vocab_size, model_config)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        mark_untrained(tmp)
 
     return build_once(os.path.join(cache_dir, f"default_model_{key}"), build)
 

@@ -16,10 +16,11 @@ record it needs (`SampleStore`): DESIGN §2b, "select what is learnable".
     truncation minus the candidate's loss standardised within its task: (loss - median) / (IQR / 1.349) over the
                losses of the same task (`Example.task`; one group when the data has no task labels) recorded in
                the same window of steps (~WINDOW_SAMPLES samples), so that a loss is judged against losses of the
-               same age; 0 for a candidate never measured. Loss truncation (Kang & Hashimoto, "Improved Natural Language Generation via Loss
-               Truncation", ACL 2020) made per-task: with top-k it drops the share of each task the learner
-               finds least likely, which in fine-tuning a pretrained base are mostly the wrong answers
-               (BENCHMARKS.md). Reference-free; no sketches.
+               same age; 0 for a candidate never measured. Loss truncation (Kang & Hashimoto, "Improved Natural
+               Language Generation via Loss Truncation", ACL 2020) made per task and per age: with top-k it drops
+               the share of each task the learner finds least likely, which in fine-tuning a pretrained base are
+               mostly the wrong answers; from scratch it keeps hard records unlearned (BENCHMARKS.md §7), so it
+               is the `finetune` preset's signal only. Reference-free; no sketches.
 
 Every signal is a float per candidate, higher = more worth training; selection is unchanged apart from
 ranking by it (strata are its quantiles, the exp(signal / tau) draw sets the quotas, online_hard takes its
@@ -247,8 +248,9 @@ def signal_values(name: str, losses: torch.Tensor, sketches: torch.Tensor | None
         return _neighbours(losses, sketches, ids, ctx)
     if name == "progress":
         first = ctx.store.first_loss[ids].astype(np.float64) if ctx.store is not None else np.full(len(ids), np.nan)
-        first = np.where(np.isnan(first), losses.detach().cpu().numpy().astype(np.float64), first)
-        return progress(losses, first)
+        unseen = np.isnan(first)  # first sight (a prior loss may be 0): 0 by definition
+        first = np.where(unseen, losses.detach().cpu().numpy().astype(np.float64), first)
+        return progress(losses, first).masked_fill(torch.from_numpy(unseen), 0.0)
     if name == "truncation":
         return _truncation(losses, ids, ctx)
     raise ValueError(f"unknown signal {name!r}")

@@ -114,15 +114,31 @@ def loss_matrix(selection: list[dict], n: int, per_epoch: int) -> np.ndarray:
     return L
 
 
-def signal_aucs(L: np.ndarray, defective: np.ndarray, reference: np.ndarray | None) -> dict:
-    """Per signal and epoch: AUC(defective > clean) and AUC(hard clean > easy clean) (module docstring)."""
+def _within_task(L: np.ndarray, tasks: np.ndarray | None):
+    """The truncation signal per epoch (signals.py): minus each loss standardised among the same task's losses of
+    that epoch (an epoch's candidate losses are measured over one pass, so they are roughly of one age)."""
+    if tasks is None:
+        return None
+    from optbatch_ds.signals import robust_standardise, task_groups
+
+    groups = task_groups(tasks)
+    return lambda L, e, first, ref: -robust_standardise(L[e], groups, L[e], groups, min_count=2)
+
+
+def signal_aucs(L: np.ndarray, defective: np.ndarray, reference: np.ndarray | None,
+                tasks: np.ndarray | None = None) -> dict:
+    """Per signal and epoch: AUC(defective > clean) and AUC(hard clean > easy clean) (module docstring); with
+    `tasks` (the task of every record) also the truncation signal, the loss standardised within each task."""
     first = np.full(L.shape[1], np.nan)
     for row in L:  # the first loss each sample ever had
         first = np.where(np.isnan(first), row, first)
     clean = ~defective
     hard = clean & (first > np.nanmedian(first[clean]))
     out = {}
-    for name, fn in SIGNALS.items():
+    signals = dict(SIGNALS)
+    if tasks is not None:
+        signals["truncation"] = _within_task(L, tasks)
+    for name, fn in signals.items():
         per = {"defective": [], "hard_clean": []}
         for e in range(L.shape[0]):
             s = fn(L, e, first, reference)
@@ -184,7 +200,8 @@ def main(argv=None) -> int:
     if result["has_losses"]:
         L = loss_matrix(selection, len(records), result["steps_per_epoch"])
         result["signals"] = signal_aucs(L, np.array([r["defect"] in DEFECTIVE for r in records]),
-                                        _reference_for(args.run_dir, args.reference_losses))
+                                        _reference_for(args.run_dir, args.reference_losses),
+                                        np.array([r["task"] for r in records]))
     print(markdown(result, args.run_dir), end="")
     if args.json:
         with open(args.json, "w") as f:

@@ -1,5 +1,6 @@
 """Scoring under ZeRO-3 on 2 ranks equals a single-process computation; architectures users bring."""
 import dataclasses
+import json
 import os
 
 import pytest
@@ -119,8 +120,14 @@ def test_zero3_gathered_scores_equal_single_process(workdir, arch):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_optbatch_loop_on_architecture(workdir, arch):
+    """The loop with curvature-normalised features on each architecture's own output layer: these models are
+    freshly initialised, so the from-scratch preset (a --model otherwise gets "finetune", which needs neither)."""
     out = workdir["root"] / f"run_{arch}"
-    argv = ["--deepspeed", "ds_configs/zero3.json", "--model", workdir["dirs"][arch], "--data", workdir["demo"]["train"],
+    cfg = json.load(open("ds_configs/zero3.json"))
+    cfg["optbatch"]["preset"] = "default"
+    config = workdir["root"] / "zero3_default_preset.json"
+    config.write_text(json.dumps(cfg))
+    argv = ["--deepspeed", str(config), "--model", workdir["dirs"][arch], "--data", workdir["demo"]["train"],
             "--eval-data", workdir["demo"]["eval"], "--output-dir", str(out), "--max-steps", "3",
             "--eval-samples-per-task", "1", "--eval-max-new-tokens", "4", "--log-every", "0", "--learning-rate", "1e-3"]
     res = run_distributed(train_body, 2, args=(argv,), timeout=600)

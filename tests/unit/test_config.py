@@ -76,6 +76,25 @@ def test_the_preset_follows_what_is_trained():
     assert _optbatch_section(parse_args(["--deepspeed", "ds_configs/zero3.json"]), {}).preset == "default"
     from optbatch_ds.hf_trainer import optbatch_config_from
     assert optbatch_config_from({"prune_ratio": 0.5}, None).preset == "finetune"
+    # asking for fresh scoring drops the preset's prior (it only means something for stale scoring)
+    fresh = OptBatchConfig.from_dict({"scoring": "fresh"}, pretrained=True)
+    assert (fresh.preset, fresh.signal, fresh.scoring, fresh.prior) == ("finetune", "truncation", "fresh", "fresh")
+
+
+def test_the_built_in_models_own_directory_trains_from_scratch(tmp_path):
+    """--model pointing at the built-in model as initialised (tests and demos pass its cached directory) keeps the
+    from-scratch preset; a directory without the marker (a user's model, an export) is taken as pretrained."""
+    from optbatch_ds.modeling import is_untrained, mark_untrained
+
+    user = tmp_path / "user_model"
+    user.mkdir()
+    assert not is_untrained(str(user)) and not is_untrained(None)
+    assert _optbatch_section(parse_args(["--deepspeed", "ds_configs/zero3.json", "--model", str(user)]), {}).preset \
+        == "finetune"
+    mark_untrained(str(user))
+    assert is_untrained(str(user))
+    assert _optbatch_section(parse_args(["--deepspeed", "ds_configs/zero3.json", "--model", str(user)]), {}).preset \
+        == "default"
 
 
 @pytest.mark.parametrize("method", ["random", "online_hard", "ccs", "infobatch"])

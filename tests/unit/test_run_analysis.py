@@ -48,3 +48,20 @@ def test_unlabelled_data_is_refused(tmp_path):
     (tmp_path / "selection.jsonl").write_text("")
     with pytest.raises(ConfigError, match="no 'task' / 'defect' labels"):
         load_run(str(tmp_path))
+
+
+def test_truncation_auc_standardises_within_each_task():
+    """Two tasks on different loss scales, a wrong answer in each just above its own task's clean losses: the raw
+    loss cannot rank the easy task's wrong answer above the hard task's clean records, the per-task one can."""
+    from optbatch_ds.bench.analyze_run import signal_aucs
+
+    rng = np.random.default_rng(0)
+    tasks = np.array(["easy"] * 20 + ["hard"] * 20)
+    loss = np.where(tasks == "easy", 0.2, 2.0) + rng.random(40) * 0.1
+    defective = np.zeros(40, bool)
+    defective[[0, 20]] = True
+    loss[[0, 20]] += 0.5
+    out = signal_aucs(loss[None, :], defective, None, tasks)
+    assert out["truncation"]["defective"] == [0.0]  # every wrong answer below every clean one: dropped first
+    assert out["loss"]["defective"][0] == pytest.approx(0.75)  # raw: easy's wrong answer is below hard's clean ones
+    assert "truncation" not in signal_aucs(loss[None, :], defective, None)

@@ -247,3 +247,15 @@ def test_truncation_judges_a_loss_against_losses_of_its_age():
     assert abs(sig[0]) < 0.3          # typical of the early records
     assert sig[1] < -3.0              # far above the late records: dropped first
     assert sig[2] == 0.0 and math.isnan(sig[3])
+
+
+def test_progress_is_zero_on_first_sight_even_with_a_zero_prior():
+    """scoring stale with prior mean before anything is measured gives every candidate the prior 0.0: progress
+    must be 0 there (first sight), not 1 - 0 / 0."""
+    store = SampleStore(10, 0)
+    losses = torch.zeros(4, dtype=torch.float64)
+    got = signal_values("progress", losses, None, [0, 1, 2, 3], SignalContext(store=store))
+    assert got.tolist() == [0.0, 0.0, 0.0, 0.0]
+    store.record([0], torch.tensor([2.0]), None, 1)
+    got = signal_values("progress", torch.tensor([1.0, 0.0], dtype=torch.float64), None, [0, 1], SignalContext(store=store))
+    assert got.tolist() == [0.5, 0.0]
