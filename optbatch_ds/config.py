@@ -41,7 +41,7 @@ DEFAULT_LR_PRETRAINED = 2e-5
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages")
 # What the baselines (random, online_hard, ccs, infobatch) rank and score by unless the section names it: the
 # loss, measured by a scoring forward each step, as they were published and as BENCHMARKS.md ran them.
-BASELINE = dict(signal="loss", scoring="fresh", prior="fresh")
+BASELINE = dict(signal="loss", scoring="fresh")
 # Named settings of the "optbatch" section; keys given next to "preset" override the preset's.
 PRESETS = {
     # the package's defaults (the declarations): the best setting without a reference model (BENCHMARKS.md)

@@ -39,8 +39,8 @@ step. This mixin overrides that call (steps 1-4 happen there, so the scores are 
 (usable rows // c) entries per rank, so the Trainer's own epochs, max_steps, LR schedule, gradient
 accumulation, clipping, logging, evaluation, checkpointing and resume run unchanged. The draw and the
 selection are pure functions of (seed, global step); the per-sample state some settings keep (recorded
-losses and sketches: scoring "stale", signals "neighbours", "progress" and "truncation") is saved as `optbatch_state.pt`
-in every Trainer checkpoint folder and comes back on `train(resume_from_checkpoint=...)`. With scoring
+losses and sketches: scoring "stale", signals "neighbours", "progress" and "truncation") is saved as
+`optbatch_state.pt` in every Trainer checkpoint folder and comes back on `train(resume_from_checkpoint=...)`. With scoring
 "stale" the loss and sketch of each trained row are computed from the Trainer's own training forward
 (`compute_loss`), as launch/train.py does.
 

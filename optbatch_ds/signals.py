@@ -248,9 +248,8 @@ def signal_values(name: str, losses: torch.Tensor, sketches: torch.Tensor | None
         return _neighbours(losses, sketches, ids, ctx)
     if name == "progress":
         first = ctx.store.first_loss[ids].astype(np.float64) if ctx.store is not None else np.full(len(ids), np.nan)
-        unseen = np.isnan(first)  # first sight (a prior loss may be 0): 0 by definition
-        first = np.where(unseen, losses.detach().cpu().numpy().astype(np.float64), first)
-        return progress(losses, first).masked_fill(torch.from_numpy(unseen), 0.0)
+        # 0 on first sight by definition (the loss may be a prior, even 0: never 1 - 0 / 0)
+        return progress(losses, first).masked_fill(torch.from_numpy(np.isnan(first)), 0.0)
     if name == "truncation":
         return _truncation(losses, ids, ctx)
     raise ValueError(f"unknown signal {name!r}")
@@ -258,10 +257,7 @@ def signal_values(name: str, losses: torch.Tensor, sketches: torch.Tensor | None
 
 def task_groups(tasks) -> np.ndarray:
     """int64 (N,): one group id per record, the same for records of the same task (ids in sorted task order)."""
-    tasks = list(tasks)
-    names = sorted(set(tasks))
-    index = {t: g for g, t in enumerate(names)}
-    return np.array([index[t] for t in tasks], dtype=np.int64)
+    return np.unique(np.asarray(list(tasks), dtype=object), return_inverse=True)[1].astype(np.int64)
 
 
 def fill_reference(values: np.ndarray) -> tuple[np.ndarray, int, float]:

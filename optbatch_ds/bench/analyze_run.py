@@ -114,11 +114,9 @@ def loss_matrix(selection: list[dict], n: int, per_epoch: int) -> np.ndarray:
     return L
 
 
-def _within_task(L: np.ndarray, tasks: np.ndarray | None):
+def _within_task(tasks: np.ndarray):
     """The truncation signal per epoch (signals.py): minus each loss standardised among the same task's losses of
     that epoch (an epoch's candidate losses are measured over one pass, so they are roughly of one age)."""
-    if tasks is None:
-        return None
     from optbatch_ds.signals import robust_standardise, task_groups
 
     groups = task_groups(tasks)
@@ -137,7 +135,7 @@ def signal_aucs(L: np.ndarray, defective: np.ndarray, reference: np.ndarray | No
     out = {}
     signals = dict(SIGNALS)
     if tasks is not None:
-        signals["truncation"] = _within_task(L, tasks)
+        signals["truncation"] = _within_task(tasks)
     for name, fn in signals.items():
         per = {"defective": [], "hard_clean": []}
         for e in range(L.shape[0]):
