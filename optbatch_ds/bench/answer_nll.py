@@ -154,17 +154,18 @@ def answer_nll(model, tokenizer, records_path: str, seed: int = 0, max_per_task:
 
 
 def check(model_dir: str, train_path: str, reference_path: str, warmup_steps=(0, 50), seed: int = 0,
-          device="cpu") -> dict:
+          device="cpu", max_seq_len: int = 256) -> dict:
     """{"base@<steps>" / "scratch@<steps>": answer_nll on the train records} for the model at model_dir and a
     freshly initialised one of its architecture, after each number of chat warm-up steps on the reference
-    records (0: as they are)."""
+    records (0: as they are). Records are encoded at `max_seq_len` tokens (the training runs' --max-seq-len);
+    raises DataError for a record with no answer token left within it."""
     out = {}
     for which in ("base", "scratch"):
         for steps in warmup_steps:
             model, tokenizer = load_model(model_dir, device, scratch_seed=seed if which == "scratch" else None)
             if steps:
-                chat_warmup(model, tokenizer, reference_path, steps, seed)
-            out[f"{which}@{steps}"] = answer_nll(model, tokenizer, train_path, seed)
+                chat_warmup(model, tokenizer, reference_path, steps, seed, max_seq_len=max_seq_len)
+            out[f"{which}@{steps}"] = answer_nll(model, tokenizer, train_path, seed, max_seq_len=max_seq_len)
     return out
 
 

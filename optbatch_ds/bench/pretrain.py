@@ -27,6 +27,9 @@ from optbatch_ds.errors import ConfigError
 from optbatch_ds.modeling import DEFAULT_MODEL_CONFIG, DEFAULT_VOCAB_SIZE, build_once, fingerprint, new_default_model
 
 LOG_FILE = "pretrain_log.json"
+# The fine-tuning runs' --max-seq-len per data set (BENCHMARKS.md §7, §7b): pydoc's answers are paragraphs, and
+# some of its prompts alone fill the package's default of 256 tokens
+CHECK_SEQ_LEN = {"demo": 256, "pydoc": 512}
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,9 @@ def main(argv=None) -> int:
                    help="score correct against wrong answers of the train records with the base and a from-scratch "
                         "model, as they are and after a chat warm-up on the reference split (answer_nll.check)")
     p.add_argument("--warmup-steps", type=int, default=50, help="chat warm-up steps of the check")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="token limit of the check's records, as the fine-tuning runs' --max-seq-len; default: "
+                        + ", ".join(f"{k} {v}" for k, v in CHECK_SEQ_LEN.items()))
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -243,7 +249,8 @@ def main(argv=None) -> int:
     if args.check:
         from optbatch_ds.bench.answer_nll import check, format_table
 
-        results = check(path, data["train"], data["reference"], (0, args.warmup_steps), args.seed, args.device)
+        results = check(path, data["train"], data["reference"], (0, args.warmup_steps), args.seed, args.device,
+                        args.max_seq_len or CHECK_SEQ_LEN[args.dataset])
         with open(os.path.join(args.out, f"answer_nll_{args.dataset}.json"), "w") as f:
             json.dump({"model": path, "warmup_steps": args.warmup_steps, **results}, f, indent=1)
         for label, result in results.items():

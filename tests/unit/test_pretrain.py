@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from optbatch_ds.bench import pretrain as pt
-from optbatch_ds.bench.answer_nll import _final_turn_only, answer_nll, chat_warmup, format_table, load_model
+from optbatch_ds.bench.answer_nll import _final_turn_only, answer_nll, chat_warmup, check, format_table, load_model
 from optbatch_ds.data import BUILTIN_CHAT_TEMPLATE, DataError, Encoded
 from optbatch_ds.data.chat import ROLE_TOKENS
 from optbatch_ds.data.demo import DemoSpec, make_demo_data
@@ -100,6 +100,16 @@ def test_answer_nll_pairs_correct_and_wrong_answers(tiny):
     assert len(losses) == 3 and not model.training
     scratch, _ = load_model(path, scratch_seed=0)
     assert not torch.equal(scratch.lm_head.weight, load_model(path)[0].lm_head.weight)
+
+
+def test_check_encodes_at_the_runs_sequence_length(tiny):
+    """The check scores records at the fine-tuning runs' --max-seq-len (pydoc's prompts need 512): a limit the
+    prompts do not fit in is an error naming the record, a sufficient one scores base and scratch."""
+    data, _, path = tiny
+    with pytest.raises(DataError, match="max_seq_len=8"):
+        check(path, data["train"], data["reference"], warmup_steps=(0,), max_seq_len=8)
+    result = check(path, data["train"], data["reference"], warmup_steps=(0,), max_seq_len=512)
+    assert set(result) == {"base@0", "scratch@0"} and result["base@0"]["all"]["n"] > 0
 
 
 def test_final_turn_only_keeps_the_last_supervised_run():
