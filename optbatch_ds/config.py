@@ -49,8 +49,9 @@ PRESETS = {
     # fine-tuning a pretrained model (the default when train.py gets --model): per-task loss truncation, top-k,
     # stale scoring, no forward for a candidate never measured (BENCHMARKS.md §7)
     "finetune": dict(signal="truncation", strata=1, within="top", scoring="stale", prior="mean"),
-    # with launch/reference.py's reference losses, the best setting of all: plain top-k by reducible loss
-    "reference": dict(signal="reducible", strata=1, within="top", scoring="stale"),
+    # with launch/reference.py's reference losses, the best setting of all: plain top-k by reducible loss, no
+    # forward for a candidate never measured (its task's mean loss: BENCHMARKS.md §3b)
+    "reference": dict(signal="reducible", strata=1, within="top", scoring="stale", prior="mean"),
     # OptBatch as published
     "paper": dict(method="optbatch", signal="loss", scoring="fresh", prior="fresh", refresh=0.0, strata=3,
                   strata_by="signal", temperature=1.0, temperature_end=None, quotas="exp_loss", within="farthest",
@@ -70,7 +71,7 @@ class OptBatchConfig(SignalConfig, ScoringConfig, SelectionConfig):
                          "pretrained --model: top-k by the truncation signal, stale scoring, prior mean), default "
                          "(the default for the built-in model trained from scratch: signal neighbours, stale scoring, "
                          "strata on loss, top within), reference (the default when reference_losses is given: top-k "
-                         "by reducible loss), paper (OptBatch as published: loss signal, fresh scoring, exp(loss) "
+                         "by reducible loss, stale scoring, prior mean), paper (OptBatch as published: loss signal, fresh scoring, exp(loss) "
                          "quotas, farthest-point). Keys beside it override it.", choices=tuple(PRESETS))
 
     def __post_init__(self):

@@ -14,16 +14,20 @@ Without it (most users have no clean set) the holdout-free variant trains two re
 halves of the training set (split by record hash, so exact duplicates stay in one half) and each scores the
 other half: a record is never scored by a model that trained on it. The reference models are trained by
 this package's own recipe (`trainer.Recipe`, method "full"): by default the built-in architecture at
-`--model-size tiny`, with the tokenizer the learner's built-in model gets from the same training data (so
-per-token losses are comparable); `--model` takes a Hugging Face model instead (it should share the
-learner's tokenizer).
+`--model-size nano`, 7 epochs at learning rate 1.5e-2, with the tokenizer the learner's built-in model gets
+from the same training data (so per-token losses are comparable); `--model` takes a Hugging Face model
+instead (it should share the learner's tokenizer).
 
 Writes to DIR:
     reference_losses.jsonl   {"hash", "loss", "model"} per distinct training record (data.hashing.record_hash:
                              a reordered or filtered training file still matches; unmatched records are
                              counted by the trainer and get the mean reference loss)
     cost.json                training and scoring FLOPs and wall seconds of every reference model, and their
-                             sums: counted in every comparison (the trainer adds them to its FLOPs)
+                             sums: counted in every comparison (the trainer adds them to its FLOPs and the
+                             benchmark to its wall time). Wall seconds are counted as the learner's are: the
+                             training steps and the scoring forwards; start-up, the last checkpoint and the
+                             encoding of the records (which the learner's start-up does too) are in
+                             `overhead_wall_s`, reported beside them
     ref_<name>/              each reference model's run directory (config.json, metrics.jsonl)
 """
 from __future__ import annotations
@@ -40,7 +44,7 @@ import torch
 from optbatch_ds import comm
 from optbatch_ds.batching import padded_shard
 from optbatch_ds.comm import log0
-from optbatch_ds.config import DEFAULT_LR_SMALL_MODEL, RunConfig, build_arg_parser as _run_flags, parse_known
+from optbatch_ds.config import RunConfig, build_arg_parser as _run_flags, parse_known
 from optbatch_ds.data import SkipReport, encode_examples, example_record, load_examples
 from optbatch_ds.data.hashing import example_hash
 from optbatch_ds.errors import ConfigError
@@ -48,10 +52,13 @@ from optbatch_ds.modeling import MODEL_SIZES, build_default_model, cache_root
 from optbatch_ds.scoring.forward import Scorer
 from optbatch_ds.signals import COST_FILE, LOSSES_FILE
 
-# Reference sets are small: many passes are needed to learn from them. On the demo's 900 clean records a tiny
-# model after 10 epochs still ranks wrong answers above right ones for ~1 pair in 5, after 20 for ~1 in 12
-# (BENCHMARKS.md, reference models).
-DEFAULT_EPOCHS = 20.0
+# The built-in reference: the smallest architecture, a few passes at a high rate. Reference sets are small and
+# must be learned well; on the demo's 900 clean records a nano model (0.09M parameters) after 7 epochs at 1.5e-2
+# ranks wrong answers above right ones about as rarely as a tiny one (0.24M) after 20 at 1e-3, at a sixth of the
+# FLOPs, and 3 epochs at 1e-3 leave it a poor judge (BENCHMARKS.md §5, reference models).
+DEFAULT_EPOCHS = 7.0
+DEFAULT_MODEL_SIZE = "nano"
+DEFAULT_REFERENCE_LR = 1.5e-2
 _SHARED = ("deepspeed", "data", "data_format", "chat_template", "model", "max_seq_len", "seed", "learning_rate",
            "trust_remote_code", "collective_timeout")
 
@@ -75,10 +82,12 @@ def build_arg_parser():
                    "(reference losses for the 'reducible' signal).", names=_SHARED, prog="launch/reference.py")
     p.add_argument("--reference-data", default=None, help="Clean records to train the reference model on (never "
                    "the evaluation split); omit for the holdout-free variant (two models on two halves of --data).")
-    p.add_argument("--model-size", default="tiny", choices=sorted(MODEL_SIZES),
-                   help="Size of the built-in architecture when --model is not given (default tiny).")
-    p.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS, help="Passes over the reference data; 0 scores "
-                   "every record with --model as it is (a pretrained base as its own reference: no training).")
+    p.add_argument("--model-size", default=DEFAULT_MODEL_SIZE, choices=sorted(MODEL_SIZES),
+                   help=f"Size of the built-in architecture when --model is not given (default {DEFAULT_MODEL_SIZE}; "
+                        f"its learning rate defaults to {DEFAULT_REFERENCE_LR}).")
+    p.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS, help="Passes over the reference data (default "
+                   f"{DEFAULT_EPOCHS:g}); 0 scores every record with --model as it is (a pretrained base as its own "
+                   "reference: no training).")
     p.add_argument("--output", required=True, help="Folder for reference_losses.jsonl, cost.json and the runs.")
     return p
 
@@ -128,16 +137,16 @@ def _parts(job: ReferenceJob, examples: list, hashes: list[str]) -> list[tuple[s
     return [("a", files[0], halves[1]), ("b", files[1], halves[0])]
 
 
-def _score(recipe, examples: list, max_seq_len: int) -> tuple[list[float], int]:
-    """Every example's mean token NLL under the recipe's (trained) model, NaN where it has no supervised token
-    within max_seq_len, on rank 0 ([] elsewhere); and the tokens scored on all ranks. Collective."""
-    encoded = encode_examples(examples, recipe.prep.tokenizer, max_seq_len, "skip", SkipReport())
+def _score(recipe, encoded: list) -> tuple[list[float], int]:
+    """Every encoded example's mean token NLL under the recipe's (trained) model, NaN where it has none (None: no
+    supervised token within max_seq_len), on rank 0 ([] elsewhere); and the tokens scored on all ranks.
+    Collective."""
     usable = [i for i, e in enumerate(encoded) if e is not None]
     rs = recipe.rs
     scorer = Scorer("grad_raw", rs.optbatch.vocab_chunk, False, None, 2 * rs.micro_batch_size,
                     recipe.prep.tokenizer.pad_token_id)
     rank, world = comm.rank_and_world()
-    out = [math.nan] * len(examples)
+    out = [math.nan] * len(encoded)
     if not usable:  # the same on every rank: nothing to score anywhere
         return (out if rank == 0 else []), 0
     mine = padded_shard(usable, rank, world)  # equal slices: ZeRO-3 forwards are collective
@@ -158,8 +167,8 @@ def _train_and_score(job: ReferenceJob, name: str, train_file: str, targets: lis
     from optbatch_ds.trainer import Recipe
 
     rank, world, local_rank = ctx
-    # a built-in reference model starts from scratch: it wants the small model's rate, not a fine-tuning one
-    lr = job.run.learning_rate or (DEFAULT_LR_SMALL_MODEL if job.run.model is None else None)
+    # a built-in reference model starts from scratch on a small set: a high rate, not a fine-tuning one
+    lr = job.run.learning_rate or (DEFAULT_REFERENCE_LR if job.run.model is None else None)
     run = dataclasses.replace(job.run, model=model, data=train_file, eval_data=None, method="full", prune_ratio=None,
                               epochs=job.epochs or 1.0, max_steps=-1,  # epochs 0: planned, never stepped
                               output_dir=os.path.join(job.output, f"ref_{name}"),
@@ -170,14 +179,19 @@ def _train_and_score(job: ReferenceJob, name: str, train_file: str, targets: lis
         recipe.loop()  # the steps, then the last checkpoint and evaluation (no export)
     else:
         recipe.log.end()  # nothing to train: the run's files are closed as loop() would
-    train_wall = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    losses, tokens = _score(recipe, targets, job.run.max_seq_len)
+    t1 = time.perf_counter()
+    encoded = encode_examples(targets, recipe.prep.tokenizer, job.run.max_seq_len, "skip", SkipReport())
+    t2 = time.perf_counter()
+    losses, tokens = _score(recipe, encoded)
+    t3 = time.perf_counter()
     trained = len(recipe.prep.pool) if job.epochs > 0 else 0
+    # wall seconds counted like the learner's (its steps' own time): the training steps and the scoring forwards;
+    # start-up (model, tokenization, engine), the last checkpoint and the encoding of the targets kept apart
     return {"name": name, "train_file": train_file, "records_trained": trained, "steps": recipe.step,
-            "params": recipe.n_params, "train_flops": float(recipe.totals["flops"]), "train_wall_s": train_wall,
-            "scored": len(targets), "score_tokens": tokens, "score_flops": 2.0 * recipe.n_params * tokens,
-            "score_wall_s": time.perf_counter() - t0, "losses": losses}
+            "params": recipe.n_params, "train_flops": float(recipe.totals["flops"]),
+            "train_wall_s": recipe.step_seconds, "scored": len(targets), "score_tokens": tokens,
+            "score_flops": 2.0 * recipe.n_params * tokens, "score_wall_s": t3 - t2,
+            "overhead_wall_s": (t1 - t0 - recipe.step_seconds) + (t2 - t1), "losses": losses}
 
 
 def build_reference(job: ReferenceJob, rank: int, world: int, local_rank: int) -> dict | None:
@@ -219,11 +233,13 @@ def _write(job: ReferenceJob, hashes: list[str], results: list[dict], model: str
             "reference_data": job.reference_data,
             "records": len(hashes), "distinct_records": len(seen), "unscored": int(missing), "parts": parts,
             "total_flops": sum(p["train_flops"] + p["score_flops"] for p in parts),
-            "total_wall_s": sum(p["train_wall_s"] + p["score_wall_s"] for p in parts)}
+            "total_wall_s": sum(p["train_wall_s"] + p["score_wall_s"] for p in parts),
+            "overhead_wall_s": sum(p["overhead_wall_s"] for p in parts)}
     with open(os.path.join(job.output, COST_FILE), "w") as f:
         json.dump(cost, f, indent=2)
     log0(f"reference | {len(seen)} distinct records scored ({missing} without a supervised token) | "
-         f"{cost['total_flops']:.3g} FLOPs | {cost['total_wall_s']:.1f} s -> {job.output}")
+         f"{cost['total_flops']:.3g} FLOPs | {cost['total_wall_s']:.1f} s in steps and scoring forwards (+ "
+         f"{cost['overhead_wall_s']:.1f} s start-up, checkpoint, encoding) -> {job.output}")
     return cost
 
 

@@ -255,6 +255,32 @@ def signal_values(name: str, losses: torch.Tensor, sketches: torch.Tensor | None
     raise ValueError(f"unknown signal {name!r}")
 
 
+def prior_losses(recorded: np.ndarray, ids: np.ndarray, groups: np.ndarray | None,
+                 reference: np.ndarray | None) -> np.ndarray:
+    """The loss a candidate never measured is given under `prior: mean` (no forward), float64 (len(ids),): the
+    mean loss recorded so far among the records of its task; the mean over all tasks where its task has none;
+    before anything is recorded, the mean reference loss of its task's candidates (so `reducible` starts at
+    the candidate's reference loss against its task's, every task centred), else 0.
+
+    recorded: float (N,), a loss per dataset index, NaN where none; ids: int (C,) dataset indices; groups: int
+    (N,) task group per dataset index, or None (one group); reference: float (N,), NaN filled, or None.
+    Per task because tasks' losses differ by far more than records' within a task: one mean for all would rank
+    the never-measured records of a task by how hard the task is."""
+    ids = np.asarray(ids, dtype=np.int64)
+    groups = groups if groups is not None else np.zeros(recorded.shape[0], dtype=np.int64)
+    have = ~np.isnan(recorded)
+    if not have.any():
+        if reference is None:
+            return np.zeros(len(ids))
+        g, ref = groups[ids], reference[ids]
+        sums, counts = np.bincount(g, weights=ref), np.bincount(g)
+        return sums[g] / counts[g]
+    sums = np.bincount(groups[have], weights=recorded[have], minlength=int(groups.max()) + 1)
+    counts = np.bincount(groups[have], minlength=int(groups.max()) + 1)
+    means = np.where(counts > 0, sums / np.maximum(counts, 1), recorded[have].mean())
+    return means[groups[ids]]
+
+
 def task_groups(tasks) -> np.ndarray:
     """int64 (N,): one group id per record, the same for records of the same task (ids in sorted task order)."""
     return np.unique(np.asarray(list(tasks), dtype=object), return_inverse=True)[1].astype(np.int64)

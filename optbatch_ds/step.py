@@ -31,7 +31,7 @@ from optbatch_ds.config import BatchSizes, OptBatchConfig
 from optbatch_ds.scoring.features import RowCurvature
 from optbatch_ds.scoring.forward import LmHeadInput, Scorer
 from optbatch_ds.selection import Selector, mean_nn_distance, step_generator
-from optbatch_ds.signals import STORE_SIGNALS, SampleStore, SignalContext, signal_values
+from optbatch_ds.signals import STORE_SIGNALS, SampleStore, SignalContext, prior_losses, signal_values
 
 # The parts of a step, timed apart (seconds), in the order they run; metrics.jsonl's "time" has each.
 TIME_PARTS = ("draw", "curvature", "score_forward", "features", "gather", "select", "broadcast", "train",
@@ -201,17 +201,15 @@ def _fresh_scores(rt: SelectionRuntime, engine, dataset, cand: list, step: int, 
 
 def _stale_scores(rt: SelectionRuntime, engine, dataset, cand: list, step: int, timers: dict) -> Scores:
     """Scoring stale: recorded values; the candidates never measured are scored now (all ranks know which), or
-    with prior "mean" get the mean loss measured so far (before any: the mean reference loss, else 0; no forward)."""
+    with prior "mean" get their task's mean loss measured so far (`signals.prior_losses`; no forward)."""
     need = [i for i in cand if not rt.measured[i]]
     tokens, curvature = 0, False
     if need and rt.optbatch.prior == "mean":
         if rt.rank == 0:
             losses, sketches = rt.store.values(cand)
             unmeasured = torch.isnan(losses)
-            measured = rt.store.loss[~np.isnan(rt.store.loss)]
-            prior = (float(measured.mean()) if measured.size else
-                     float(rt.reference[cand].mean()) if rt.reference is not None else 0.0)
-            losses[unmeasured] = prior
+            prior = torch.from_numpy(prior_losses(rt.store.loss, np.asarray(cand), rt.groups, rt.reference))
+            losses[unmeasured] = prior.to(losses.dtype)[unmeasured]
             return Scores(losses, sketches if rt.scorer.with_features else None, 0, False)
         return Scores(None, None, 0, False)
     if need:

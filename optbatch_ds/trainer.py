@@ -79,6 +79,7 @@ class Recipe:
     last_ckpt: str | None = None
     history: list | None = None     # every step's selected indices (opt-in: grows with the run)
     t_run: float = 0.0
+    step_seconds: float = 0.0       # this process's steps' own time, summed (start-up, saves, evaluations excluded)
 
     # ------------------------------------------------------------------ setup
 
@@ -209,6 +210,7 @@ class Recipe:
         self.totals["samples_scored"] += c if scored else 0
         self.totals["tokens_trained"] += int(stats[1])
         self.totals["flops"] += FLOPS_TRAIN * self.n_params * float(stats[1]) + FLOPS_SCORE * self.n_params * float(stats[2])
+        self.step_seconds += step_time
         lr = self.engine.get_lr()
         return {"step": self.step, "epoch": self.sampler.epoch, "loss": float(stats[0]) / b,
                 "lr": float(lr[0]) if lr else None, "candidates": c, "trained": b, "tokens": int(stats[1]),

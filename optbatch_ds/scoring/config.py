@@ -39,8 +39,9 @@ class ScoringConfig:
     refresh: float = option(0.0, "With scoring stale: this fraction of each step's budget is drawn uniformly from the "
                             "candidates the selector did not keep, so pruned samples get re-measured.")
     prior: str = option("fresh", "With scoring stale, what a candidate never measured gets: fresh (a scoring forward) "
-                        "or mean (no forward: the mean loss measured so far and no sketch, so signal reducible ranks "
-                        "such candidates by their reference loss alone, and the others treat them alike).",
+                        "or mean (no forward: the mean loss measured so far among its task's records, and no sketch, "
+                        "so signal reducible ranks such candidates of a task by their reference loss, and the "
+                        "others treat them alike).",
                         choices=PRIORS)
 
     def __post_init__(self):

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from optbatch_ds.reference import DEFAULT_REFERENCE_LR
 from tests.helpers import REPO, read_jsonl
 
 pytestmark = pytest.mark.integration
@@ -78,7 +79,17 @@ def test_holdout_free_reference_scores_each_half_with_the_other_model(data):
     assert [p["name"] for p in cost["parts"]] == ["a", "b"]
     for part in cost["parts"]:
         assert part["train_flops"] > 0 and part["score_flops"] > 0 and part["steps"] >= 1
+        # wall time counted as the learner's: its steps' own time (the metrics lines' sum), start-up apart
+        steps = [m for m in read_jsonl(out / f"ref_{part['name']}" / "metrics.jsonl") if "time" in m]
+        assert len(steps) == part["steps"]
+        assert part["train_wall_s"] == pytest.approx(sum(m["time"]["total"] for m in steps), abs=1e-4)
+        assert part["score_wall_s"] > 0 and part["overhead_wall_s"] > 0
+        # the built-in reference learns its small set at the reference rate, not the learner's default
+        run_cfg = json.load(open(out / f"ref_{part['name']}" / "config.json"))
+        assert run_cfg["run"]["learning_rate"] == DEFAULT_REFERENCE_LR == run_cfg["deepspeed"]["optimizer"]["params"]["lr"]
     assert cost["total_flops"] == pytest.approx(sum(p["train_flops"] + p["score_flops"] for p in cost["parts"]))
+    assert cost["total_wall_s"] == pytest.approx(sum(p["train_wall_s"] + p["score_wall_s"] for p in cost["parts"]))
+    assert cost["overhead_wall_s"] == pytest.approx(sum(p["overhead_wall_s"] for p in cost["parts"]))
 
 
 def test_clean_reference_feeds_the_trainer_through_a_shuffled_file(data):

@@ -59,6 +59,7 @@ def test_shipped_configs_use_the_package_defaults_and_comments_are_ignored():
     assert OptBatchConfig.from_dict({"preset": "paper"}).within == "farthest"
     with_refs = OptBatchConfig.from_dict({"reference_losses": "refs"})
     assert (with_refs.signal, with_refs.preset) == ("reducible", "reference")  # config.json names the preset used
+    assert (with_refs.strata, with_refs.within, with_refs.scoring, with_refs.prior) == (1, "top", "stale", "mean")
 
 
 def test_the_preset_follows_what_is_trained():

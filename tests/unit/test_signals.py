@@ -18,7 +18,8 @@ from optbatch_ds.data.hashing import record_hash
 from optbatch_ds.errors import ConfigError
 from optbatch_ds.selection import SelectionConfig, select, step_generator
 from optbatch_ds.signals import (LOSSES_FILE, ReferenceLosses, SampleStore, SignalConfig, SignalContext,
-                                 fill_reference, neighbour_excess, robust_standardise, signal_values, task_groups)
+                                 fill_reference, neighbour_excess, prior_losses, robust_standardise, signal_values,
+                                 task_groups)
 
 pytestmark = pytest.mark.unit
 
@@ -259,3 +260,44 @@ def test_progress_is_zero_on_first_sight_even_with_a_zero_prior():
     store.record([0], torch.tensor([2.0]), None, 1)
     got = signal_values("progress", torch.tensor([1.0, 0.0], dtype=torch.float64), None, [0, 1], SignalContext(store=store))
     assert got.tolist() == [0.5, 0.0]
+
+
+def _prior_loop(recorded, ids, groups, reference):
+    """prior_losses written as a plain loop over candidates."""
+    out = []
+    for i in ids:
+        same = [recorded[j] for j in range(len(recorded)) if groups[j] == groups[i] and not math.isnan(recorded[j])]
+        known = [x for x in recorded if not math.isnan(x)]
+        if same:
+            out.append(sum(same) / len(same))
+        elif known:
+            out.append(sum(known) / len(known))
+        elif reference is not None:
+            mates = [reference[j] for j in ids if groups[j] == groups[i]]
+            out.append(sum(mates) / len(mates))
+        else:
+            out.append(0.0)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_prior_losses_against_a_plain_loop(seed):
+    """A never-measured candidate gets its task's mean recorded loss, the global mean where its task has none,
+    and before anything is recorded its task's mean reference loss among the candidates (else 0)."""
+    rng = np.random.default_rng(seed)
+    n = 60
+    groups = rng.integers(0, 4, n)
+    reference = rng.gamma(2.0, 0.5, n)
+    recorded = np.full(n, np.nan, dtype=np.float32)
+    ids = rng.choice(n, 20, replace=False)
+    groups[ids[0]] = 3
+    for ref in (reference, None):  # nothing recorded yet
+        np.testing.assert_allclose(prior_losses(recorded, ids, groups, ref), _prior_loop(recorded, ids, groups, ref))
+    some = rng.choice(np.flatnonzero(groups != 3), 25, replace=False)  # task 3 never measured
+    recorded[some] = rng.gamma(3.0, 0.4, 25).astype(np.float32)
+    got = prior_losses(recorded, ids, groups, reference)
+    np.testing.assert_allclose(got, _prior_loop(recorded.astype(np.float64), ids, groups, reference), rtol=1e-6)
+    assert (groups[ids] == 3).any()  # the fallback to the mean over all tasks is exercised
+    # one group (no task field) is the old behaviour: one mean for all
+    np.testing.assert_allclose(prior_losses(recorded, ids, None, reference), np.nanmean(recorded.astype(np.float64)),
+                               rtol=1e-6)
