@@ -71,8 +71,9 @@ class OptBatchConfig(SignalConfig, ScoringConfig, SelectionConfig):
                          "pretrained --model: top-k by the truncation signal, stale scoring, prior mean), default "
                          "(the default for the built-in model trained from scratch: signal neighbours, stale scoring, "
                          "strata on loss, top within), reference (the default when reference_losses is given: top-k "
-                         "by reducible loss, stale scoring, prior mean), paper (OptBatch as published: loss signal, fresh scoring, exp(loss) "
-                         "quotas, farthest-point). Keys beside it override it.", choices=tuple(PRESETS))
+                         "by reducible loss, stale scoring, prior mean), paper (OptBatch as published: loss signal, "
+                         "fresh scoring, exp(loss) quotas, farthest-point). Keys beside it override it.",
+                         choices=tuple(PRESETS))
 
     def __post_init__(self):
         SelectionConfig.__post_init__(self)
