@@ -3,11 +3,14 @@ clean data scores every training record once, and the selection prefers what the
 yet but the reference finds learnable (learner loss minus reference loss).
 
 Run as:
+    python launch/reference.py --output refs/demo      # the demo set, judged by a model of its clean reference split
     python launch/reference.py --data train.jsonl --reference-data clean.jsonl --output refs/
     python launch/reference.py --data train.jsonl --output refs/          # holdout-free: two halves of train
     deepspeed --num_gpus 2 launch/train.py --deepspeed ds_configs/zero3.json --data train.jsonl --reference-losses refs/
 
-With `--reference-data CLEAN` one reference model is trained on CLEAN and scores every training record. With
+With `--reference-data CLEAN` one reference model is trained on CLEAN and scores every training record; with
+no `--data`, the demo set (as launch/train.py generates it) is scored, and its clean reference split (300
+records per task, disjoint from the held-out ones) is CLEAN unless `--reference-data` says otherwise. With
 `--model BASE --epochs 0` the model is not trained at all: a pretrained base scores every record as it is (the
 fine-tuning regime, where the base already knows the facts the records state; cost: one forward per record).
 Without it (most users have no clean set) the holdout-free variant trains two reference models on the two
@@ -50,6 +53,7 @@ from optbatch_ds.data.hashing import example_hash
 from optbatch_ds.errors import ConfigError
 from optbatch_ds.modeling import MODEL_SIZES, build_default_model, cache_root
 from optbatch_ds.scoring.forward import Scorer
+from optbatch_ds.session import ensure_demo_data
 from optbatch_ds.signals import COST_FILE, LOSSES_FILE
 
 # The built-in reference: the smallest architecture, a few passes at a high rate. Reference sets are small and
@@ -94,8 +98,6 @@ def build_arg_parser():
 
 def parse_args(argv=None) -> ReferenceJob:
     args = parse_known(build_arg_parser(), argv)
-    if args.data is None:
-        raise ConfigError("--data is required: the training records to score")
     if not args.epochs >= 0:
         raise ConfigError(f"--epochs {args.epochs} must be >= 0")
     if args.epochs == 0 and (args.model is None or args.reference_data is not None):
@@ -194,8 +196,19 @@ def _train_and_score(job: ReferenceJob, name: str, train_file: str, targets: lis
             "overhead_wall_s": (t1 - t0 - recipe.step_seconds) + (t2 - t1), "losses": losses}
 
 
+def _with_demo_data(job: ReferenceJob) -> ReferenceJob:
+    """Without --data: the demo set train.py generates (the same records, so the losses match its run) and, unless
+    --reference-data is given or nothing is trained, the demo's clean reference split."""
+    if job.run.data is not None:
+        return job
+    paths = ensure_demo_data(os.path.join(cache_root(job.output), "demo_data"))
+    clean = job.reference_data or (paths["reference"] if job.epochs > 0 else None)
+    return dataclasses.replace(job, run=dataclasses.replace(job.run, data=paths["train"]), reference_data=clean)
+
+
 def build_reference(job: ReferenceJob, rank: int, world: int, local_rank: int) -> dict | None:
     """The whole job (module docstring); returns the cost summary on rank 0, None elsewhere. Collective."""
+    job = _with_demo_data(job)
     examples = load_examples(job.run.data, fmt=job.run.data_format, on_bad_record="skip", report=SkipReport())
     hashes = [example_hash(e) for e in examples]
     model = _reference_model(job, examples, local_rank)

@@ -52,17 +52,20 @@ def seed_everything(seed: int) -> None:
 
 
 def ensure_demo_data(target: str) -> dict:
-    """Generate the demo set once (deterministic), atomically, so ranks and reruns share it. Returns its paths."""
-    paths = {"train": os.path.join(target, "train.jsonl"), "eval": os.path.join(target, "eval.jsonl")}
-    if not os.path.exists(paths["eval"]):
+    """Generate the demo set once (deterministic), atomically, so ranks and reruns share it; a cache made before a
+    split existed gets the missing files. Returns the paths of its train, eval and reference splits."""
+    paths = {name: os.path.join(target, f"{name}.jsonl") for name in ("train", "eval", "reference")}
+    if not all(os.path.exists(p) for p in paths.values()):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".demo_", dir=os.path.dirname(target))
         try:
             make_demo_data(tmp, seed=0)
             try:
                 os.rename(tmp, target)
-            except OSError:
-                pass  # someone else finished first; theirs is identical
+            except OSError:  # someone else finished first (theirs is identical), or a cache older than a split
+                for name in os.listdir(tmp):
+                    if not os.path.exists(os.path.join(target, name)):
+                        os.replace(os.path.join(tmp, name), os.path.join(target, name))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return paths

@@ -293,6 +293,19 @@ def fill_reference(values: np.ndarray) -> tuple[np.ndarray, int, float]:
     return np.where(missing, mean, values), int(missing.sum()), mean
 
 
+def reference_files(path: str) -> tuple[str, str]:
+    """(folder, losses file) of a `reference_losses` value: launch/reference.py's output folder or its
+    reference_losses.jsonl. Raises ConfigError naming what is missing (checked before any data or model loads)."""
+    if not os.path.exists(path):
+        raise ConfigError(f"reference_losses {path}: no such folder or file (make one with launch/reference.py "
+                          f"--output {path})")
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    file = os.path.join(path, LOSSES_FILE) if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        raise ConfigError(f"reference_losses {path}: no {LOSSES_FILE} in it (make one with launch/reference.py)")
+    return folder, file
+
+
 @dataclass
 class ReferenceLosses:
     """What launch/reference.py wrote: per-record reference losses (by record hash) and their cost."""
@@ -304,10 +317,7 @@ class ReferenceLosses:
     @classmethod
     def load(cls, path: str) -> "ReferenceLosses":
         """From the output directory of launch/reference.py (or its reference_losses.jsonl). Raises ConfigError."""
-        folder = path if os.path.isdir(path) else os.path.dirname(path)
-        file = os.path.join(path, LOSSES_FILE) if os.path.isdir(path) else path
-        if not os.path.exists(file):
-            raise ConfigError(f"reference_losses {path}: no {LOSSES_FILE} (make one with launch/reference.py)")
+        folder, file = reference_files(path)
         by_hash = {}
         with open(file, encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):

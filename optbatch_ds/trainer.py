@@ -23,7 +23,7 @@ from optbatch_ds.errors import ConfigError, ResumeError
 from optbatch_ds.evaluate import EvalSettings, evaluate, format_table
 from optbatch_ds.keeping import Keeper
 from optbatch_ds.modeling import check_environment
-from optbatch_ds.signals import reference_losses, task_groups
+from optbatch_ds.signals import reference_files, reference_losses, task_groups
 from optbatch_ds.runlog import RunLog, selection_line
 from optbatch_ds.scoring import CurvaturePolicy, curvature_inv_sqrt
 from optbatch_ds.session import Prepared, build_engine, prepare_data_and_model, resolve_here, seed_everything
@@ -327,6 +327,8 @@ def _check_before_loading(run: RunConfig, rs: Resolved) -> None:
     if run.use_peft and not run.lora_modules_to_save and rs.optbatch.curvature == "adam":
         raise ConfigError('"optbatch".curvature adam reads the Adam state of lm_head, which LoRA freezes; use "ema" '
                           '(or "auto"), or train lm_head with --lora-modules-to-save lm_head')
+    if rs.optbatch.reference_losses:
+        reference_files(rs.optbatch.reference_losses)
 
 
 def train(run: RunConfig, rank: int, world: int, local_rank: int, record_history: bool = False) -> dict:

@@ -92,6 +92,18 @@ def test_holdout_free_reference_scores_each_half_with_the_other_model(data):
     assert cost["overhead_wall_s"] == pytest.approx(sum(p["overhead_wall_s"] for p in cost["parts"]))
 
 
+def test_without_data_the_demo_is_judged_by_its_clean_reference_split(data):
+    """No --data: the demo set train.py generates, scored by a model trained on the demo's clean reference split
+    (not the holdout-free variant), in the cache beside --output."""
+    out = data / "refs_demo"
+    _launch("launch/reference.py", "--deepspeed", data / "zero3.json", "--epochs", "0.25", "--output", out)
+    cost = json.load(open(out / "cost.json"))
+    assert cost["variant"] == "clean" and cost["model_size"] == "nano"
+    assert cost["reference_data"] == str(data / ".optbatch_cache" / "demo_data" / "reference.jsonl")
+    assert cost["records"] == 3000 and cost["unscored"] == 0 and cost["parts"][0]["records_trained"] == 900
+    assert len(read_jsonl(out / "reference_losses.jsonl")) == cost["distinct_records"]
+
+
 def test_clean_reference_feeds_the_trainer_through_a_shuffled_file(data):
     refs = data / "refs_clean"
     _launch("launch/reference.py", "--data", data / "train.jsonl", "--reference-data", data / "clean.jsonl",

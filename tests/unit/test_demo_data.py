@@ -208,3 +208,22 @@ def test_corpus_answers_with_the_facts_it_states(demo):
             assert re.search(rf"\b{value}\b", doc["text"][: m.start()]), doc
             n += 1
     assert n > 2000 and sum("\n" in d["text"] for d in _corpus(demo) if d["kind"] == "story") > 300
+
+
+def test_the_cached_demo_gains_a_split_an_older_cache_lacks(demo, tmp_path):
+    """train.py and launch/reference.py share the cached demo (ensure_demo_data): a cache made before the reference
+    split existed gets it, the same bytes as a fresh one, and its other files stay as they were."""
+    import os
+
+    from optbatch_ds.session import ensure_demo_data
+
+    target = tmp_path / "demo_data"
+    paths = ensure_demo_data(str(target))
+    assert set(paths) == {"train", "eval", "reference"} and all(os.path.exists(p) for p in paths.values())
+    os.remove(paths["reference"])
+    stamp = os.stat(paths["train"]).st_mtime_ns
+    assert ensure_demo_data(str(target)) == paths
+    with open(paths["reference"], "rb") as f, open(demo["reference"], "rb") as g:
+        assert f.read() == g.read()
+    assert os.stat(paths["train"]).st_mtime_ns == stamp
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".demo_")]  # no temporary folder left

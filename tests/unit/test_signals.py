@@ -18,8 +18,8 @@ from optbatch_ds.data.hashing import record_hash
 from optbatch_ds.errors import ConfigError
 from optbatch_ds.selection import SelectionConfig, select, step_generator
 from optbatch_ds.signals import (LOSSES_FILE, ReferenceLosses, SampleStore, SignalConfig, SignalContext,
-                                 fill_reference, neighbour_excess, prior_losses, robust_standardise, signal_values,
-                                 task_groups)
+                                 fill_reference, neighbour_excess, prior_losses, reference_files, robust_standardise,
+                                 signal_values, task_groups)
 
 pytestmark = pytest.mark.unit
 
@@ -301,3 +301,15 @@ def test_prior_losses_against_a_plain_loop(seed):
     # one group (no task field) is the old behaviour: one mean for all
     np.testing.assert_allclose(prior_losses(recorded, ids, None, reference), np.nanmean(recorded.astype(np.float64)),
                                rtol=1e-6)
+
+
+def test_a_missing_reference_names_what_is_missing(tmp_path):
+    """reference_losses pointing nowhere, or at a folder without the losses file: a ConfigError that says which
+    (train.py checks it before any data or model loads)."""
+    with pytest.raises(ConfigError, match="no such folder or file"):
+        reference_files(str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match=f"no {LOSSES_FILE} in it"):
+        reference_files(str(tmp_path))
+    (tmp_path / LOSSES_FILE).write_text("")
+    assert reference_files(str(tmp_path)) == (str(tmp_path), str(tmp_path / LOSSES_FILE))
+    assert reference_files(str(tmp_path / LOSSES_FILE)) == (str(tmp_path), str(tmp_path / LOSSES_FILE))
