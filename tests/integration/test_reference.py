@@ -86,7 +86,8 @@ def test_holdout_free_reference_scores_each_half_with_the_other_model(data):
         assert part["score_wall_s"] > 0 and part["overhead_wall_s"] > 0
         # the built-in reference learns its small set at the reference rate, not the learner's default
         run_cfg = json.load(open(out / f"ref_{part['name']}" / "config.json"))
-        assert run_cfg["run"]["learning_rate"] == DEFAULT_REFERENCE_LR == run_cfg["deepspeed"]["optimizer"]["params"]["lr"]
+        lr = run_cfg["deepspeed"]["optimizer"]["params"]["lr"]
+        assert run_cfg["run"]["learning_rate"] == DEFAULT_REFERENCE_LR == lr
     assert cost["total_flops"] == pytest.approx(sum(p["train_flops"] + p["score_flops"] for p in cost["parts"]))
     assert cost["total_wall_s"] == pytest.approx(sum(p["train_wall_s"] + p["score_wall_s"] for p in cost["parts"]))
     assert cost["overhead_wall_s"] == pytest.approx(sum(p["overhead_wall_s"] for p in cost["parts"]))
