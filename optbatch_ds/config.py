@@ -50,13 +50,28 @@ PRESETS = {
     # stale scoring, no forward for a candidate never measured (BENCHMARKS.md §7)
     "finetune": dict(signal="truncation", strata=1, within="top", scoring="stale", prior="mean"),
     # with launch/reference.py's reference losses, the best setting of all: plain top-k by reducible loss, no
-    # forward for a candidate never measured (its task's mean loss: BENCHMARKS.md §3b)
-    "reference": dict(signal="reducible", strata=1, within="top", scoring="stale", prior="mean"),
+    # forward for a candidate never measured (its task's mean loss, and kept before any measured one, so every
+    # record is trained once; from prune ratio FRESH_PRIOR_FROM_RATIO a scoring forward instead: BENCHMARKS.md §3b)
+    "reference": dict(signal="reducible", strata=1, within="top", scoring="stale", prior="train"),
     # OptBatch as published
     "paper": dict(method="optbatch", signal="loss", scoring="fresh", prior="fresh", refresh=0.0, strata=3,
                   strata_by="signal", temperature=1.0, temperature_end=None, quotas="exp_loss", within="farthest",
                   distance="euclidean", feature="grad_curvature", reweight="none", outlier_fence=0.0),
 }
+
+
+# From this prune ratio on, the reference preset scores never-measured candidates with a forward (prior fresh):
+# at 0.5 training each record once (prior train) costs more than the forward, and prior mean leaves 40% of one
+# task's right answers never trained (BENCHMARKS.md §3b).
+FRESH_PRIOR_FROM_RATIO = 0.5
+
+
+def _deep_cut(ratio) -> bool:
+    """Whether `prune_ratio` (as written; a malformed one is left to the config's own check) is a deep cut."""
+    try:
+        return float(ratio) >= FRESH_PRIOR_FROM_RATIO
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -71,8 +86,9 @@ class OptBatchConfig(SignalConfig, ScoringConfig, SelectionConfig):
                          "pretrained --model: top-k by the truncation signal, stale scoring, prior mean), default "
                          "(the default for the built-in model trained from scratch: signal neighbours, stale scoring, "
                          "strata on loss, top within), reference (the default when reference_losses is given: top-k "
-                         "by reducible loss, stale scoring, prior mean), paper (OptBatch as published: loss signal, "
-                         "fresh scoring, exp(loss) quotas, farthest-point). Keys beside it override it.",
+                         "by reducible loss, stale scoring, prior train; prior fresh from prune_ratio 0.5), paper "
+                         "(OptBatch as published: loss signal, fresh scoring, exp(loss) quotas, farthest-point). Keys "
+                         "beside it override it.",
                          choices=tuple(PRESETS))
 
     def __post_init__(self):
@@ -93,7 +109,8 @@ class OptBatchConfig(SignalConfig, ScoringConfig, SelectionConfig):
         """The JSON section as written; unknown keys are a ConfigError naming the nearest known one.
 
         Without a "preset" key the preset is chosen by what is trained (BENCHMARKS.md): "reference" when
-        `reference_losses` is given, else "finetune" when `pretrained` (a user's model: launch/train.py --model,
+        `reference_losses` is given (with prior "fresh" from prune_ratio FRESH_PRIOR_FROM_RATIO on, unless the
+        section names a prior), else "finetune" when `pretrained` (a user's model: launch/train.py --model,
         the Trainer integration), else "default" (the built-in model, trained from scratch). The baselines
         (method other than optbatch) start from their published settings instead unless a preset is named.
         Keys starting with "_" are notes for people ("_comment"), as in the rest of the DeepSpeed JSON.
@@ -117,6 +134,8 @@ class OptBatchConfig(SignalConfig, ScoringConfig, SelectionConfig):
         keys = {**start, **section, "preset": preset}  # config.json names the preset that was used
         if keys.get("scoring", "stale") != "stale" and "prior" not in section:
             keys.pop("prior", None)  # a preset's prior means nothing once the section asks for fresh scoring
+        elif preset == "reference" and "prior" not in section and _deep_cut(keys.get("prune_ratio", cls.prune_ratio)):
+            keys["prior"] = "fresh"  # a deep cut starves what the prior ranks low unless it is measured once (§3b)
         return cls(**keys)
 
     @property

@@ -46,7 +46,7 @@ from optbatch_ds.config import ConfigError, Resolved, RunConfig, build_arg_parse
 from optbatch_ds.data import EpochSampler
 from optbatch_ds.data.readers import BOM
 from optbatch_ds.scoring import CurvaturePolicy, curvature_inv_sqrt
-from optbatch_ds.selection import Selector
+from optbatch_ds.selection import Candidates, Selector
 from optbatch_ds.signals import SignalContext, reference_losses, signal_values, task_groups
 from optbatch_ds.session import Prepared, build_engine, prepare_data_and_model, resolve_here, seed_everything
 
@@ -291,7 +291,9 @@ def _select_pool(rt: ob_step.SelectionRuntime, pool_id: int, scores: ob_step.Sco
     if cfg.method in ("optbatch", "ccs") and 0 < k < cfg.strata:
         selector = Selector(dataclasses.replace(cfg, strata=k))
     ctx = SignalContext(rt.reference, rt.store, rt.optbatch.seed, pool_id + 1, rt.groups, len(ids))
-    result = selector(pool_id + 1, losses, sketches, budget, signal_values(rt.optbatch.signal, losses, sketches, ids, ctx))
+    signal = signal_values(rt.optbatch.signal, losses, sketches, ids, ctx)
+    groups = rt.groups[ids] if rt.groups is not None else None
+    result = selector(pool_id + 1, Candidates(losses, sketches, signal, groups), budget)
     strata = [int(s) if s >= 0 else None for s in result.strata.tolist()]
     return result.indices.tolist(), result.weights.tolist(), result.info, strata
 

@@ -30,7 +30,7 @@ from optbatch_ds.batching import deal_by_length, padded_shard
 from optbatch_ds.config import BatchSizes, OptBatchConfig
 from optbatch_ds.scoring.features import RowCurvature
 from optbatch_ds.scoring.forward import LmHeadInput, Scorer
-from optbatch_ds.selection import Selector, mean_nn_distance, step_generator
+from optbatch_ds.selection import Candidates, Selector, mean_nn_distance, step_generator
 from optbatch_ds.signals import STORE_SIGNALS, SampleStore, SignalContext, prior_losses, signal_values
 
 # The parts of a step, timed apart (seconds), in the order they run; metrics.jsonl's "time" has each.
@@ -201,10 +201,10 @@ def _fresh_scores(rt: SelectionRuntime, engine, dataset, cand: list, step: int, 
 
 def _stale_scores(rt: SelectionRuntime, engine, dataset, cand: list, step: int, timers: dict) -> Scores:
     """Scoring stale: recorded values; the candidates never measured are scored now (all ranks know which), or
-    with prior "mean" get their task's mean loss measured so far (`signals.prior_losses`; no forward)."""
+    with prior "mean" or "train" get their task's mean loss measured so far (`signals.prior_losses`; no forward)."""
     need = [i for i in cand if not rt.measured[i]]
     tokens, curvature = 0, False
-    if need and rt.optbatch.prior == "mean":
+    if need and rt.optbatch.prior in ("mean", "train"):
         if rt.rank == 0:
             losses, sketches = rt.store.values(cand)
             unmeasured = torch.isnan(losses)
@@ -233,7 +233,10 @@ def _select(rt: SelectionRuntime, scores: Scores, cand: list, step: int):
     losses = scores.losses if ob.needs_scores else torch.zeros(c)
     ctx = SignalContext(rt.reference, rt.store, ob.seed, step, rt.groups, b)
     signal = signal_values(ob.signal, losses, scores.sketches, cand, ctx) if ob.needs_scores else None
-    result = rt.selector(step, losses, scores.sketches, b - refresh, signal)
+    if ob.stale and ob.prior == "train":
+        signal = unmeasured_first(signal if signal is not None else losses, ~rt.measured[cand])
+    groups = rt.groups[cand] if rt.groups is not None else None
+    result = rt.selector(step, Candidates(losses, scores.sketches, signal, groups), b - refresh)
     positions = torch.as_tensor(result.indices, dtype=torch.long)
     weights = torch.as_tensor(result.weights, dtype=torch.float32)
     info = dict(result.info)
@@ -246,6 +249,18 @@ def _select(rt: SelectionRuntime, scores: Scores, cand: list, step: int):
         positions, weights = torch.cat([positions, extra]), torch.cat([weights, torch.ones(refresh)])
         info["refreshed"] = refresh
     return positions, weights, info, torch.as_tensor(result.strata)
+
+
+def unmeasured_first(signal: torch.Tensor, unmeasured: np.ndarray) -> torch.Tensor:
+    """Prior "train": the (c,) signal with the never-measured candidates (bool (c,)) shifted above every measured
+    one, their order among themselves kept; unchanged when all or none are unmeasured. Non-finite values stay."""
+    shifted = signal.clone().to(torch.float64)
+    mask = torch.from_numpy(np.asarray(unmeasured, dtype=bool))
+    finite = torch.isfinite(shifted)
+    new, old = shifted[mask & finite], shifted[~mask & finite]
+    if len(new) and len(old):
+        shifted[mask & finite] += float(old.max() - new.min()) + 1.0
+    return shifted
 
 
 def choose_batch(rt: SelectionRuntime, engine, dataset, cand: list, step: int, timers: dict) -> Choice:

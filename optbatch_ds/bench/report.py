@@ -12,6 +12,7 @@ import platform
 import re
 import shlex
 import time
+from typing import NamedTuple
 
 from optbatch_ds.bench.io import (WRONG_ANSWERS, fmt_value, mean_std, nanmean, read_json, read_jsonl, record_labels,
                                   tail, write_json)
@@ -37,26 +38,45 @@ def _pool_size(run: RunSpec) -> int | None:
     return None
 
 
-def trained_mix(run_dir: str) -> tuple[float, dict[str, float]]:
-    """Share of the trained samples whose answer is labelled wrong (WRONG_ANSWERS), and each task's share.
+class TrainedMix(NamedTuple):
+    """What a run trained, from its selection log and the data's labels (nan / {} without labels).
 
-    (nan, {}) without labels. The pool's mix is the dataset's (every sample is scored once per epoch),
-    so a task's share moving away from its dataset share is the selection's doing."""
+    defective: share of the trained samples whose answer is labelled wrong (WRONG_ANSWERS).
+    shares: {task: share of the trained samples}.
+    untrained: {task: share of the task's right-answer records never trained in the whole run}."""
+
+    defective: float
+    shares: dict
+    untrained: dict
+
+
+def trained_mix(run_dir: str) -> TrainedMix:
+    """The run's `TrainedMix`. The pool's mix is the dataset's (every sample is scored once per epoch), so a
+    task's share moving away from its dataset share is the selection's doing; a right answer never trained is
+    a fact the model was never shown (a prior that never lets a record be measured shows here)."""
     cfg = read_json(os.path.join(run_dir, "config.json")) or {}
     labels = record_labels(cfg.get("train_data"))
     if labels is None:
-        return float("nan"), {}
+        return TrainedMix(float("nan"), {}, {})
     defects, tasks = labels
     bad = total = 0
     per_task: dict[str, int] = {}
+    seen = set()
     for line in read_jsonl(os.path.join(run_dir, "selection.jsonl")):
         for i in line.get("selected", []):
             total += 1
             bad += defects[i] in WRONG_ANSWERS
             per_task[tasks[i]] = per_task.get(tasks[i], 0) + 1
+            seen.add(i)
     if not total:
-        return float("nan"), {}
-    return bad / total, {t: n / total for t, n in sorted(per_task.items())}
+        return TrainedMix(float("nan"), {}, {})
+    right: dict[str, list[int]] = {}
+    for i, (d, t) in enumerate(zip(defects, tasks)):
+        if d not in WRONG_ANSWERS:
+            right.setdefault(t, [0, 0])[0] += i not in seen
+            right[t][1] += 1
+    return TrainedMix(bad / total, {t: n / total for t, n in sorted(per_task.items())},
+                      {t: never / n for t, (never, n) in sorted(right.items())})
 
 
 def collect_run(run: RunSpec, tasks_seen: set) -> dict:
@@ -110,9 +130,9 @@ def collect_run(run: RunSpec, tasks_seen: set) -> dict:
         history.append({"step": step, "epoch": step / per_epoch if per_epoch else float("nan"),
                         "wall_s": wall_at[step][0], "flops": wall_at[step][1], "loss": h.get("loss"),
                         "em_mean": nanmean([t.get("exact_match") for t in h.get("tasks", {}).values()])})
-    row["defective_trained"], mix = trained_mix(run.dir)
-    for task, share in mix.items():
-        row[f"mix_{task}"] = share
+    mix = trained_mix(run.dir)
+    row["defective_trained"] = mix.defective
+    row.update({f"mix_{t}": v for t, v in mix.shares.items()} | {f"untrained_{t}": v for t, v in mix.untrained.items()})
     row["eval_s"] = sum(float(h.get("seconds", 0.0) or 0.0) for h in read_jsonl(os.path.join(run.dir, "eval_history.jsonl")))
     row["elapsed_s"] = st.get("elapsed_s", float("nan"))
     row["run_dir"] = run.dir
@@ -128,7 +148,7 @@ def summarize(rows: list[dict], tasks: list[str]) -> list[dict]:
     for r in rows:
         groups.setdefault((r["label"], r["prune_ratio"]), []).append(r)
     keys = (["heldout_loss", "em_mean", "bleu4_mean", "rougeL_mean"] + [f"em_{t}" for t in tasks]
-            + [f"loss_{t}" for t in tasks] + [f"mix_{t}" for t in tasks]
+            + [f"loss_{t}" for t in tasks] + [f"mix_{t}" for t in tasks] + [f"untrained_{t}" for t in tasks]
             + [f"bleu4_{t}" for t in tasks] + [f"rougeL_{t}" for t in tasks]
             + ["samples_trained", "samples_scored", "flops", "wall_s", "epochs", "defective_trained"] + [f"time_{k}" for k in TIME_PARTS[:-1]])
     out = []
@@ -321,13 +341,16 @@ def _md_paired(rows: list[dict]) -> list[str]:
 def _md_tasks_and_time(summary: list[dict], tasks: list[str]) -> list[str]:
     lines = ["", "## Per task: held-out loss, and each task's share of the trained samples", "",
              "Every sample is a candidate once per epoch, so the candidates' task mix is the dataset's (full-data "
-             "training's row); a share that moves away from it is the selection's doing.", ""]
-    head = ["method", "α"] + [f"loss {t}" for t in tasks] + [f"share {t}" for t in tasks]
+             "training's row); a share that moves away from it is the selection's doing. \"never trained\": the "
+             "share of the task's right-answer records the run never trained (labelled data only).", ""]
+    head = (["method", "α"] + [f"loss {t}" for t in tasks] + [f"share {t}" for t in tasks]
+            + [f"never trained {t}" for t in tasks])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         cells = [s["label"], f"{s['prune_ratio']:.2f}"]
         cells += [_cell(s[f"loss_{t}"], s[f"loss_{t}_std"], "{:.3f}") for t in tasks]
         cells += [_cell(100 * s[f"mix_{t}"], fmt="{:.1f}%") for t in tasks]
+        cells += [_cell(100 * s[f"untrained_{t}"], fmt="{:.1f}%") for t in tasks]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Where the time goes (s per run, summed over steps, mean over seeds)", ""]
     parts = list(TIME_PARTS[:-1])
@@ -367,7 +390,7 @@ def markdown(summary: list[dict], rows: list[dict], tasks: list[str], args, meta
 def write_csv(path: str, rows: list[dict], tasks: list[str]) -> None:
     cols = ["run", "label", "method", "ablation", "prune_ratio", "seed", "status", "steps", "epochs",
             "heldout_loss", "em_mean", "bleu4_mean", "rougeL_mean"]
-    cols += [f"{m}_{t}" for m in ("em", "bleu4", "rougeL", "loss", "mix") for t in tasks]
+    cols += [f"{m}_{t}" for m in ("em", "bleu4", "rougeL", "loss", "mix", "untrained") for t in tasks]
     cols += ["defective_trained", "samples_trained", "samples_scored", "tokens_trained", "flops", "wall_s"]
     cols += [f"time_{k}" for k in TIME_PARTS[:-1]] + ["eval_s", "elapsed_s", "train_batch_size", "candidates", "run_dir"]
     with open(path, "w", newline="") as f:

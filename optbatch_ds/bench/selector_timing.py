@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from optbatch_ds.selection import METHODS, SelectionConfig, select
+from optbatch_ds.selection import METHODS, Candidates, SelectionConfig, select
 
 CANDIDATES = (2048, 4096, 8192)
 RATIOS = (0.5, 0.7)
@@ -33,7 +33,7 @@ def time_case(c, budget, dim, method, repeats):
     times, info = [], {}
     for rep in range(repeats):
         t0 = time.perf_counter()
-        info = select(losses, sketches, budget, cfg, torch.Generator().manual_seed(rep)).info
+        info = select(Candidates(losses, sketches), budget, cfg, torch.Generator().manual_seed(rep)).info
         times.append(time.perf_counter() - t0)
     return {"candidates": c, "budget": budget, "sketch_dim": dim, "method": method,
             "median_s": statistics.median(times), "min_s": min(times), "quotas": info.get("quotas")}

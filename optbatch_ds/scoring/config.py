@@ -7,7 +7,7 @@ from optbatch_ds.options import as_float, as_int, bad, check_choices, option
 
 FEATURES = ("grad_curvature", "grad_raw", "hidden")
 SCORINGS = ("fresh", "stale")
-PRIORS = ("fresh", "mean")
+PRIORS = ("fresh", "mean", "train")
 CURVATURES = ("auto", "adam", "ema", "none")
 
 
@@ -41,7 +41,9 @@ class ScoringConfig:
     prior: str = option("fresh", "With scoring stale, what a candidate never measured gets: fresh (a scoring forward) "
                         "or mean (no forward: the mean loss measured so far among its task's records, and no sketch, "
                         "so signal reducible ranks such candidates of a task by their reference loss, and the "
-                        "others treat them alike).",
+                        "others treat them alike) or train (as mean, and such candidates rank above every measured "
+                        "one: a pool keeps its never-measured candidates first, so every record is trained, and "
+                        "measured, soon after it is first drawn).",
                         choices=PRIORS)
 
     def __post_init__(self):

@@ -2,12 +2,12 @@
 
     from optbatch_ds.selection import SelectionConfig, Selector
     selector = Selector(SelectionConfig(method="optbatch", strata=3, temperature=1.0, seed=0))
-    result = selector(step, losses, sketches, budget)   # result.indices, result.weights, result.info
+    result = selector(step, Candidates(losses, sketches), budget)   # result.indices, result.weights, result.info
 """
 from .config import METHODS, SelectionConfig, SelectionError, SelectionResult
 from .farthest import mean_nn_distance
-from .methods import select
+from .methods import Candidates, select
 from .selector import Selector, step_generator
 
-__all__ = ["METHODS", "SelectionConfig", "SelectionError", "SelectionResult", "Selector", "mean_nn_distance",
-           "select", "step_generator"]
+__all__ = ["METHODS", "Candidates", "SelectionConfig", "SelectionError", "SelectionResult", "Selector",
+           "mean_nn_distance", "select", "step_generator"]

@@ -19,7 +19,7 @@ QUOTAS = ("exp_loss", "uniform")
 WITHIN = ("farthest", "random", "top")
 DISTANCES = ("euclidean", "cosine")
 REWEIGHTS = ("none", "strata", "upweight")
-STRATA_BY = ("signal", "loss")
+STRATA_BY = ("signal", "loss", "task")
 
 
 class SelectionError(UserError):
@@ -48,7 +48,9 @@ class SelectionConfig:
                            choices=DISTANCES)
     strata_by: str = option("loss", "optbatch: what the strata and their quotas are cut on: loss (difficulty: every "
                             "loss level keeps its share, and within=top picks the best signal inside each) or signal "
-                            "(the same ranking as the within-stratum choice: the paper's, where signal is the loss).",
+                            "(the same ranking as the within-stratum choice: the paper's, where signal is the loss) or "
+                            "task (the records' task field: each task keeps its share of the pool, the choice inside "
+                            "each by within; needs strata 1, no quota draw).",
                             choices=STRATA_BY)
     reweight: str = option("none", "optbatch loss weights: none (the paper's); strata: each trained sample "
                            "weighted by its stratum's size / quota (mean 1), the stratified-sampling estimate of the "
@@ -63,6 +65,9 @@ class SelectionConfig:
         strata = as_int(self.strata, "strata")
         if strata < 1:
             raise bad("strata", f"{self.strata!r} must be an integer >= 1 (1 = no strata)")
+        if self.strata_by == "task" and strata != 1:
+            raise bad("strata_by", f"'task' makes the tasks the strata; set strata 1 (got {strata}), or cut on loss "
+                      f"or signal")
         t = as_float(self.temperature, "temperature")
         if not t > 0:  # also NaN
             raise bad("temperature", f"{self.temperature!r} must be a number > 0 (or \"inf\")")

@@ -7,20 +7,22 @@ tests rely on):
   infobatch  torch.randperm(number of low-loss), then torch.randperm(number of others) if needed
   optbatch   torch.rand(n, dtype=float64) for the Gumbel quota draw, then (within="random")
              torch.randperm(stratum size) per stratum with a quota, highest-loss stratum first
-             (within="farthest" and "top" draw nothing more)
+             (within="farthest" and "top" draw nothing more); with strata_by="task" no quota draw,
+             only within="random"'s randperm per task group with a quota, highest group id first
 where n is the number of valid (finite) candidates. full and online_hard draw nothing.
 All work happens on the CPU, whatever device the inputs are on.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .config import SelectionConfig, SelectionError, SelectionResult
 from .farthest import farthest_fill, prepare_sketches
-from .strata import even_quotas, exp_loss_quotas, loss_strata
+from .strata import even_quotas, exp_loss_quotas, loss_strata, proportional_quotas, task_strata
 
 
 def _as_cpu_tensor(value, name: str) -> torch.Tensor:
@@ -82,14 +84,14 @@ def _top_in_strata(signal, groups, quotas) -> torch.Tensor:
     return torch.cat(picks)
 
 
-def _random(_loss, loss, sk, budget, config, generator, progress):
-    perm = torch.randperm(loss.numel(), generator=generator, device=generator.device).cpu()
+def _random(pool, budget, config, generator, progress):
+    perm = torch.randperm(pool.key.numel(), generator=generator, device=generator.device).cpu()
     return perm[:budget], None, {}, None
 
 
-def _online_hard(_loss, loss, sk, budget, config, generator, progress):
+def _online_hard(pool, budget, config, generator, progress):
     # Stable descending sort keeps equal losses in position order: ties go to the lower index.
-    return torch.sort(loss, descending=True, stable=True).indices[:budget], None, {}, None
+    return torch.sort(pool.key, descending=True, stable=True).indices[:budget], None, {}, None
 
 
 def _stratum_labels(n: int, groups: list[torch.Tensor], members: torch.Tensor | None = None) -> np.ndarray:
@@ -109,20 +111,22 @@ def _strata_info(loss, groups, quotas) -> dict:
     }
 
 
-def _ccs(_loss, loss, sk, budget, config, generator, progress):
+def _ccs(pool, budget, config, generator, progress):
+    loss = pool.key
     groups = loss_strata(loss, config.strata)
     quotas = even_quotas([g.numel() for g in groups], budget)
     return (_draw_in_strata(groups, quotas, generator), None, _strata_info(loss, groups, quotas),
             _stratum_labels(loss.numel(), groups))
 
 
-def _infobatch(_loss, loss, sk, budget, config, generator, progress):
+def _infobatch(pool, budget, config, generator, progress):
     """Drop c - budget candidates at random from those below the mean loss; reweight kept low ones.
 
     If fewer than c - budget candidates are below the mean, all of them are dropped and the rest of
     the drop is drawn at random from the others (at or above the mean), which keep weight 1.
     r = low dropped / low; kept low-loss candidates get weight 1 / (1 - r).
     """
+    loss = pool.key
     n = loss.numel()
     threshold = float(loss.mean())
     is_low = loss < threshold
@@ -162,15 +166,16 @@ def loss_fence(loss: torch.Tensor, k: float) -> float:
     return q3 + k * (q3 - q1)
 
 
-def _optbatch(raw_loss, signal, sk, budget, config, generator, progress):
+def _optbatch(pool, budget, config, generator, progress):
     """Strata, exp(loss) quotas and farthest-point filling (DESIGN §2 step 4).
 
-    `signal` is what the within-stratum choice "top" ranks by (the losses without a signal); the strata, their
-    quotas and the fence are cut on it too, or on the raw losses with strata_by="loss". With an outlier fence,
+    `pool.key` is what the within-stratum choice "top" ranks by (the losses without a signal); the strata, their
+    quotas and the fence are cut on it too, or on the raw losses with strata_by="loss", or (strata_by="task") the
+    strata are the candidates' task groups with quotas in proportion to their sizes. With an outlier fence,
     candidates above it are set aside first: in instruction data the extreme losses are mostly defects
     (misaligned or truncated answers), which exp(loss) quotas would favour and farthest-point selection would
     seek out as outliers. They fill the budget, lowest first, only when the others cannot."""
-    loss = raw_loss if config.strata_by == "loss" else signal
+    loss = pool.loss if config.strata_by == "loss" else pool.key
     fence = loss_fence(loss, config.outlier_fence)
     inside = torch.nonzero(loss <= fence).flatten()
     suspects = torch.nonzero(loss > fence).flatten()
@@ -179,21 +184,26 @@ def _optbatch(raw_loss, signal, sk, budget, config, generator, progress):
         order = torch.sort(loss[suspects], stable=True).indices
         return torch.cat([inside, suspects[order[:budget - inside.numel()]]]), None, extra, None
     sub_loss = loss[inside]
-    # the fence may leave fewer candidates than strata; without a fence that is the caller's error
-    strata = min(config.strata, inside.numel()) if config.outlier_fence > 0 else config.strata
-    groups = loss_strata(sub_loss, strata)
-    beta = config.inverse_temperature(progress)
-    tau = 1.0 / beta if beta != 0 else math.inf
-    quotas = exp_loss_quotas(sub_loss, groups, budget, tau, config.quotas == "exp_loss", generator)
+    info = {}
+    if config.strata_by == "task":
+        groups = task_strata(None if pool.groups is None else pool.groups[inside], inside.numel())
+        quotas = proportional_quotas([g.numel() for g in groups], budget)
+    else:
+        # the fence may leave fewer candidates than strata; without a fence that is the caller's error
+        strata = min(config.strata, inside.numel()) if config.outlier_fence > 0 else config.strata
+        groups = loss_strata(sub_loss, strata)
+        beta = config.inverse_temperature(progress)
+        tau = 1.0 / beta if beta != 0 else math.inf
+        quotas = exp_loss_quotas(sub_loss, groups, budget, tau, config.quotas == "exp_loss", generator)
+        if config.temperature_end is not None:
+            info["inverse_temperature"] = beta
     if config.within == "farthest":
-        picks = farthest_fill(prepare_sketches(sk[inside], config.distance), groups, quotas)
+        picks = farthest_fill(prepare_sketches(pool.sketches[inside], config.distance), groups, quotas)
     elif config.within == "top":
-        picks = _top_in_strata(signal[inside], groups, quotas)
+        picks = _top_in_strata(pool.key[inside], groups, quotas)
     else:
         picks = _draw_in_strata(groups, quotas, generator)
-    info = _strata_info(sub_loss, groups, quotas)
-    if config.temperature_end is not None:
-        info["inverse_temperature"] = beta
+    info.update(_strata_info(sub_loss, groups, quotas))
     if config.outlier_fence > 0:
         info.update(extra)
     weights = None
@@ -241,29 +251,68 @@ def _everything(loss: torch.Tensor, finite: torch.Tensor, budget: int, info: dic
                            np.full(c, -1, dtype=np.int64))
 
 
-def select(losses, sketches, budget: int, config: SelectionConfig,
-           generator: torch.Generator | None, progress: float = 0.0, signal=None) -> SelectionResult:
-    """Choose `budget` of the c candidates.
+class Candidates(NamedTuple):
+    """The c candidates of one pool, as `select` takes them.
 
-    losses: (c,) per-candidate loss; sketches: (c, k) per-candidate sketch, or None for methods
-    that do not use them (optbatch with within="farthest" needs them). signal: (c,) what the methods rank
-    by (strata, quotas, top-k, the mean threshold) instead of the losses, e.g. the reducible loss
-    (`optbatch_ds.signals`); None = the losses. info's mean_loss_* always report losses.
+    losses: (c,) per-candidate loss (float; nats per token for the trainer's).
+    sketches: (c, k) per-candidate sketch, or None for methods that do not use them (optbatch with
+        within="farthest" needs them).
+    signal: (c,) what the methods rank by (strata, quotas, top-k, infobatch's mean threshold) instead of the
+        losses, e.g. the reducible loss (`optbatch_ds.signals`); None = the losses.
+    groups: (c,) int task group of each candidate (strata_by="task"); None = one group.
+    """
+
+    losses: object
+    sketches: object = None
+    signal: object = None
+    groups: object = None
+
+
+class _Pool(NamedTuple):
+    """The valid candidates, checked: float64 losses and ranking key (c',), sketches (c', k) or None, int64
+    groups (c',) or None."""
+
+    loss: torch.Tensor
+    key: torch.Tensor
+    sketches: torch.Tensor | None
+    groups: torch.Tensor | None
+
+
+def _check_groups(groups, c: int) -> torch.Tensor | None:
+    if groups is None:
+        return None
+    g = _as_cpu_tensor(groups, "groups")
+    if g.shape != (c,) or g.is_floating_point() or g.is_complex():
+        raise ValueError(f"groups must be integers of shape (c,) = ({c},) like the losses, got {tuple(g.shape)} "
+                         f"{g.dtype}")
+    return g.to(torch.int64)
+
+
+def select(candidates: Candidates, budget: int, config: SelectionConfig, generator: torch.Generator | None,
+           progress: float = 0.0) -> SelectionResult:
+    """Choose `budget` of the c `candidates` (see `Candidates` for their shapes).
+
+    info's mean_loss_* always report losses, whatever the signal.
     Candidates whose loss, signal or any sketch entry is NaN/inf are excluded first and counted in
-    info["excluded_nonfinite"];
-    if fewer than `budget` remain, SelectionError. `full` is not a selection: it needs
-    budget == c and returns every candidate in order, finite or not (info["nonfinite"] counts them).
+    info["excluded_nonfinite"]; if fewer than `budget` remain, SelectionError. `full` is not a selection: it
+    needs budget == c and returns every candidate in order, finite or not (info["nonfinite"] counts them).
     progress: the fraction of training done, in [0, 1]; only optbatch's temperature schedule
     (temperature_end) reads it.
     Returns positions 0..c-1 into the candidate arrays, and each candidate's stratum; see SelectionResult.
+    Raises ValueError on malformed inputs (shapes, dtypes, budget) and TypeError on a config or candidates of
+    the wrong type.
     """
     if not isinstance(config, SelectionConfig):
         raise TypeError(f"config must be a SelectionConfig, got {type(config).__name__}")
-    loss, sk, budget = _check_inputs(losses, sketches, budget)
+    if not isinstance(candidates, Candidates):
+        raise TypeError(f"candidates must be a selection.Candidates, got {type(candidates).__name__}")
+    loss, sk, budget = _check_inputs(candidates.losses, candidates.sketches, budget)
     c = loss.numel()
+    signal = candidates.signal
     key = loss if signal is None else _check_inputs(signal, None, budget)[0]
     if key.numel() != c:
         raise ValueError(f"signal must have shape (c,) = ({c},) like the losses, got {tuple(key.shape)}")
+    groups = _check_groups(candidates.groups, c)
     finite = torch.isfinite(loss) & torch.isfinite(key)
     if sk is not None:
         finite &= torch.isfinite(sk).all(dim=1)
@@ -283,8 +332,8 @@ def select(losses, sketches, budget: int, config: SelectionConfig,
         raise SelectionError(
             f"only {valid.numel()} of {c} candidates have a finite loss, signal and sketch ({excluded} non-finite); "
             f"cannot select budget={budget}")
-    local, weights, extra, local_strata = _METHODS[config.method](
-        loss[valid], key[valid], None if sk is None else sk[valid], budget, config, generator, progress)
+    pool = _Pool(loss[valid], key[valid], None if sk is None else sk[valid], None if groups is None else groups[valid])
+    local, weights, extra, local_strata = _METHODS[config.method](pool, budget, config, generator, progress)
     indices = valid[local]
     strata = np.full(c, -1, dtype=np.int64)
     if local_strata is not None:

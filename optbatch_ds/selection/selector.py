@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .config import SelectionConfig, SelectionResult
-from .methods import select
+from .methods import Candidates, select
 
 _STEP_STRIDE = 1_000_003  # prime, so (seed, step) pairs map to distinct generator seeds
 
@@ -32,10 +32,10 @@ class Selector:
             return 0.0
         return min(max((int(step) - 1) / (self.total_steps - 1), 0.0), 1.0)
 
-    def __call__(self, step: int, losses, sketches, budget: int, signal=None) -> SelectionResult:
+    def __call__(self, step: int, candidates: Candidates, budget: int) -> SelectionResult:
         """`select` at `step` (see its arguments), with the step's generator and training progress."""
-        result = select(losses, sketches, budget, self.config, step_generator(self.config.seed, step),
-                        progress=self.progress(step), signal=signal)
+        result = select(candidates, budget, self.config, step_generator(self.config.seed, step),
+                        progress=self.progress(step))
         self.calls += 1
         self.last_step = int(step)
         result.info["step"] = int(step)

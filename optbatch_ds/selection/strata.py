@@ -26,6 +26,28 @@ def loss_strata(losses: torch.Tensor, strata: int) -> list[torch.Tensor]:
     return groups
 
 
+def task_strata(groups: torch.Tensor | None, n: int) -> list[torch.Tensor]:
+    """The positions 0..n-1 split by task group: one int64 tensor per distinct value of `groups` (n,), in
+    ascending group order, each in ascending position order. groups None = one stratum of all n."""
+    if groups is None:
+        return [torch.arange(n, dtype=torch.int64)]
+    return [torch.nonzero(groups == g).flatten() for g in torch.unique(groups).tolist()]
+
+
+def proportional_quotas(sizes: list[int], budget: int) -> list[int]:
+    """Quota of each stratum in proportion to its size: budget * size / total, rounded by largest remainder
+    (Hamilton's method), so the quotas sum to `budget`, differ from the exact shares by less than one and
+    never exceed a stratum's size. Remainder ties go to the lower index. Raises ValueError if budget > total."""
+    total = sum(sizes)
+    if not 0 <= budget <= total:
+        raise ValueError(f"budget={budget} must be between 0 and the {total} candidates in the strata")
+    quotas = [budget * size // total for size in sizes]  # integer arithmetic: exact shares round exactly
+    order = sorted(range(len(sizes)), key=lambda s: (-(budget * sizes[s] % total), s))
+    for s in order[:budget - sum(quotas)]:
+        quotas[s] += 1
+    return quotas
+
+
 def gumbel_uniforms(n: int, generator: torch.Generator) -> torch.Tensor:
     """The n float64 uniforms the quota draw consumes from `generator` (first draw of optbatch)."""
     u = torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device).cpu()

@@ -86,7 +86,7 @@ CASES = [("zero3", 1, "optbatch"), ("zero2", 2, "optbatch"), ("ddp", 2, "optbatc
 @pytest.mark.parametrize("mode,accum,method", CASES, ids=["-".join(map(str, c)) for c in CASES])
 def test_ranks_train_on_what_the_selector_chose(tmp_path, mode, accum, method):
     from optbatch_ds.data import EpochSampler
-    from optbatch_ds.selection import select, step_generator
+    from optbatch_ds.selection import Candidates, select, step_generator
 
     res = run_distributed(_body, 2, args=(mode, accum, method, str(tmp_path / "out")), timeout=600)
     rows = _rows()
@@ -102,7 +102,7 @@ def test_ranks_train_on_what_the_selector_chose(tmp_path, mode, accum, method):
     for h in h0:
         assert h["candidates"] == sampler.draw(c)  # the seeded epoch order
         # rank 0's choice is the pure selector's, recomputed from the gathered losses and sketches
-        again = select(h["losses"], h["sketches"], b, config, step_generator(config.seed, h["step"]))
+        again = select(Candidates(h["losses"], h["sketches"]), b, config, step_generator(config.seed, h["step"]))
         assert [h["candidates"][p] for p in again.indices.tolist()] == h["selected"]
         assert again.weights.tolist() == h["weights"]
         assert h["losses"].shape == (c,) and (h["sketches"] is None) == (method != "optbatch")

@@ -52,6 +52,9 @@ def _argv(config, out, inputs, *extra):
 CASES = {
     "stale_neighbours_top": dict(scoring="stale", signal="neighbours", strata=1, within="top", refresh=0.125),
     "reducible_mean_prior": dict(scoring="stale", signal="reducible", prior="mean", strata=1, within="top"),
+    "reducible_train_prior": dict(scoring="stale", signal="reducible", prior="train", strata=1, within="top"),
+    "reducible_by_task": dict(scoring="stale", signal="reducible", prior="mean", strata=1, strata_by="task",
+                              within="top"),
     "progress_fresh": dict(signal="progress", within="random"),
     "truncation_mean_prior": dict(scoring="stale", signal="truncation", prior="mean", strata=1, within="top"),
     "paper_preset": dict(preset="paper"),
@@ -80,11 +83,27 @@ def test_ranks_agree_on_every_new_key(setup, case):
         seen: set = set()
         for line, m in zip(sel, metrics):
             new = set(line["candidates"]) - seen
-            assert (m["score_tokens"] > 0) == (bool(new) and keys.get("prior") != "mean"), (m["step"], len(new))
+            assert (m["score_tokens"] > 0) == (bool(new) and keys.get("prior", "fresh") == "fresh"), (m["step"], len(new))
             seen |= set(line["candidates"])
-        assert any(m["score_tokens"] == 0 for m in metrics) or keys.get("prior") == "mean"
+        assert any(m["score_tokens"] == 0 for m in metrics) or keys.get("prior", "fresh") != "fresh"
     if keys.get("refresh"):  # 12.5% of the budget drawn at random from what the selector left
         assert all(m["refreshed"] == 2 for m in metrics)
+    if keys.get("prior") == "train":  # a pool's never-trained candidates are kept before any trained one
+        trained: set = set()
+        for line in sel:
+            new = set(line["candidates"]) - trained
+            assert len(new & set(line["selected"])) == min(len(new), 16), line["step"]
+            trained |= set(line["selected"])
+    if keys.get("strata_by") == "task":  # each task keeps its share of the pool (largest remainder)
+        from optbatch_ds.data import load_examples
+        from optbatch_ds.selection.strata import proportional_quotas
+
+        task = [e.task for e in load_examples(inputs["data"])]
+        for line, m in zip(sel, metrics):
+            names = sorted({task[i] for i in line["candidates"]})
+            sizes = [sum(task[i] == t for i in line["candidates"]) for t in names]
+            assert m["quotas"] == proportional_quotas(sizes, 16) == [sum(task[i] == t for i in line["selected"])
+                                                                    for t in names]
     if case == "paper_preset":
         assert cfg["optbatch"]["within"] == "farthest" and cfg["optbatch"]["signal"] == "loss"
 

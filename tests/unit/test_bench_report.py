@@ -59,3 +59,27 @@ def test_paired_differences_match_by_seed():
     assert o["n_full"] == 2 and o["vs_full"] == pytest.approx(0.2) and o["vs_full_std"] == pytest.approx(0.0, abs=1e-12)
     assert o["n_random"] == 2 and o["vs_random"] == pytest.approx(-0.35)
     assert by[("random", 0.3)]["n_random"] == 0 and by[("random", 0.3)]["vs_full"] == pytest.approx(0.55)
+
+
+def test_trained_mix_counts_wrong_answers_shares_and_right_answers_never_trained(tmp_path):
+    """Against a hand count: 6 labelled records, a 2-step selection log; a duplicate is a right answer."""
+    import json
+
+    from optbatch_ds.bench.report import trained_mix
+
+    labels = [("qa", "none"), ("qa", "misaligned"), ("qa", "none"), ("chat", "none"), ("chat", "truncated"),
+              ("chat", "duplicate")]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"task": t, "defect": d, "messages": [
+        {"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+        for i, (t, d) in enumerate(labels)))
+    (tmp_path / "config.json").write_text(json.dumps({"train_data": str(data)}))
+    (tmp_path / "selection.jsonl").write_text(json.dumps({"selected": [0, 1, 3]}) + "\n"
+                                              + json.dumps({"selected": [0, 4]}) + "\n")
+    mix = trained_mix(str(tmp_path))
+    assert mix.defective == pytest.approx(2 / 5)               # records 1 and 4 of the 5 trained
+    assert mix.shares == pytest.approx({"chat": 2 / 5, "qa": 3 / 5})
+    assert mix.untrained == pytest.approx({"chat": 1 / 2, "qa": 1 / 2})  # right answers: qa 0, 2; chat 3, 5
+    (tmp_path / "config.json").write_text(json.dumps({}))      # no labelled data: nothing to say
+    empty = trained_mix(str(tmp_path))
+    assert math.isnan(empty.defective) and empty.shares == {} and empty.untrained == {}

@@ -59,7 +59,7 @@ def test_shipped_configs_use_the_package_defaults_and_comments_are_ignored():
     assert OptBatchConfig.from_dict({"preset": "paper"}).within == "farthest"
     with_refs = OptBatchConfig.from_dict({"reference_losses": "refs"})
     assert (with_refs.signal, with_refs.preset) == ("reducible", "reference")  # config.json names the preset used
-    assert (with_refs.strata, with_refs.within, with_refs.scoring, with_refs.prior) == (1, "top", "stale", "mean")
+    assert (with_refs.strata, with_refs.within, with_refs.scoring, with_refs.prior) == (1, "top", "stale", "train")
 
 
 def test_the_preset_follows_what_is_trained():
@@ -70,6 +70,15 @@ def test_the_preset_follows_what_is_trained():
         "finetune", "truncation", 1, "top", "stale", "mean")
     assert OptBatchConfig.from_dict({}).preset == "default" and OptBatchConfig.from_dict({}).signal == "neighbours"
     assert OptBatchConfig.from_dict({"reference_losses": "r"}, pretrained=True).preset == "reference"
+    # the reference preset at a deep cut measures never-measured candidates once (prior fresh), unless told not to
+    for ratio, written, prior in ((0.3, {}, "train"), (0.49, {}, "train"), (0.5, {}, "fresh"), (0.7, {}, "fresh"),
+                                  (0.5, {"prior": "mean"}, "mean"), (0.3, {"prior": "fresh"}, "fresh")):
+        for section in ({"reference_losses": "r"}, {"preset": "reference", "reference_losses": "r"}):
+            cfg = OptBatchConfig.from_dict({**section, **written, "prune_ratio": ratio})
+            assert (cfg.preset, cfg.prior) == ("reference", prior), (section, ratio, written)
+    assert OptBatchConfig.from_dict({"prune_ratio": 0.5}, pretrained=True).prior == "mean"  # finetune: unmeasured
+    with pytest.raises(ConfigError, match="prune_ratio"):
+        OptBatchConfig.from_dict({"reference_losses": "r", "prune_ratio": "half"})
     assert OptBatchConfig.from_dict({"preset": "default"}, pretrained=True).signal == "neighbours"
     assert OptBatchConfig.from_dict({"prior": "fresh"}, pretrained=True).prior == "fresh"
     run = parse_args(["--deepspeed", "ds_configs/zero3.json", "--model", "some/dir"])

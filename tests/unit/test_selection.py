@@ -5,14 +5,15 @@ Run: python -m pytest tests/unit/test_selection.py -q
 import json
 import math
 import re
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
 
-from optbatch_ds.selection import (METHODS, SelectionConfig, SelectionError, SelectionResult, Selector,
+from optbatch_ds.selection import (METHODS, Candidates, SelectionConfig, SelectionError, SelectionResult, Selector,
                                    mean_nn_distance, select, step_generator)
-from optbatch_ds.selection.strata import even_quotas
+from optbatch_ds.selection.strata import even_quotas, proportional_quotas
 
 pytestmark = pytest.mark.unit
 
@@ -32,7 +33,7 @@ def gen(seed):
 
 
 def run(method="optbatch", losses=None, sketches=None, budget=10, seed=0, progress=0.0, **kw):
-    return select(losses, sketches, budget, SelectionConfig(method=method, seed=seed, **kw), gen(seed),
+    return select(Candidates(losses, sketches), budget, SelectionConfig(method=method, seed=seed, **kw), gen(seed),
                   progress=progress)
 
 
@@ -478,12 +479,13 @@ def test_selector_is_a_pure_function_of_seed_and_step():
     losses, sketches = make_inputs(1, 100, 6, torch.float32)
     cfg = SelectionConfig(method="optbatch", seed=3)
     a, b = Selector(cfg), Selector(cfg)
-    r1 = a(5, losses, sketches, 40)
-    b(4, losses, sketches, 40)
-    r2 = b(5, losses, sketches, 40)
+    pool = Candidates(losses, sketches)
+    r1 = a(5, pool, 40)
+    b(4, pool, 40)
+    r2 = b(5, pool, 40)
     assert np.array_equal(r1.indices, r2.indices)
-    assert np.array_equal(r1.indices, select(losses, sketches, 40, cfg, step_generator(3, 5)).indices)
-    steps = {tuple(sorted(a(s, losses, sketches, 40).indices.tolist())) for s in range(6, 10)}
+    assert np.array_equal(r1.indices, select(Candidates(losses, sketches), 40, cfg, step_generator(3, 5)).indices)
+    steps = {tuple(sorted(a(s, pool, 40).indices.tolist())) for s in range(6, 10)}
     assert len(steps) > 1
 
 
@@ -491,7 +493,7 @@ def test_selector_state_dict_round_trip_and_warning():
     losses, _ = make_inputs(2, 30, 2)
     sel = Selector(SelectionConfig(method="random", seed=1))
     for step in range(3):
-        sel(step, losses, None, 10)
+        sel(step, Candidates(losses), 10)
     state = json.loads(json.dumps(sel.state_dict()))
     resumed = Selector(SelectionConfig(method="random", seed=1))
     assert resumed.load_state_dict(state) == []  # same settings: nothing to warn about
@@ -540,13 +542,13 @@ def test_outlier_fence_sets_suspects_aside(seed):
     sketches = torch.randn(c, 8, generator=g)
     sketches[outliers] *= 50  # and far away in sketch space: plain farthest-point would take them first
     cfg = SelectionConfig(method="optbatch", strata=3, outlier_fence=1.5, seed=seed)
-    res = select(losses, sketches, budget, cfg, torch.Generator().manual_seed(seed))
+    res = select(Candidates(losses, sketches), budget, cfg, torch.Generator().manual_seed(seed))
     assert len(set(res.indices.tolist())) == budget
     assert not set(outliers.tolist()) & set(res.indices.tolist())
     assert res.info["suspects"] == 5 and sum(res.info["quotas"]) == budget
     q1, q3 = np.quantile(losses.numpy(), [0.25, 0.75])
     assert res.info["outlier_fence"] == pytest.approx(q3 + 1.5 * (q3 - q1))
-    plain = select(losses, sketches, budget, SelectionConfig(method="optbatch", strata=3, seed=seed),
+    plain = select(Candidates(losses, sketches), budget, SelectionConfig(method="optbatch", strata=3, seed=seed),
                    torch.Generator().manual_seed(seed))
     assert set(outliers.tolist()) <= set(plain.indices.tolist())  # what the fence prevents
 
@@ -555,7 +557,7 @@ def test_outlier_fence_sets_suspects_aside(seed):
 def test_outlier_fence_tops_up_with_mildest_suspects():
     losses = torch.tensor([8.0, 1.0, 7.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype=torch.float64)
     sk = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
-    res = select(losses, sk, 7, SelectionConfig(method="optbatch", strata=2, outlier_fence=0.01),
+    res = select(Candidates(losses, sk), 7, SelectionConfig(method="optbatch", strata=2, outlier_fence=0.01),
                  torch.Generator().manual_seed(0))
     assert res.info["outlier_fence"] == pytest.approx(6.25 + 0.01 * 3.5)  # 6 candidates below it
     assert res.indices.tolist() == [1, 3, 4, 5, 6, 7, 2]  # all below the fence, then the mildest suspect
@@ -606,3 +608,81 @@ def test_methods_without_strata_report_none(method):
     losses, sketches = make_inputs(3, 20, 4)
     res = run(method, losses, sketches, 20 if method == "full" else 12)
     assert res.strata.tolist() == [-1] * 20
+
+
+# ---------------------------------------------------------------- strata_by="task": each task keeps its share
+
+def ref_hamilton(sizes, budget):
+    """Largest-remainder quotas in exact rational arithmetic: floors, then one each to the largest remainders
+    (ties to the lower index)."""
+    exact = [Fraction(budget * s, sum(sizes)) for s in sizes]
+    quotas = [math.floor(e) for e in exact]
+    order = sorted(range(len(sizes)), key=lambda s: (-(exact[s] - quotas[s]), s))
+    for s in order[:budget - sum(quotas)]:
+        quotas[s] += 1
+    return quotas
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_proportional_quotas_are_largest_remainder(seed):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 40, size=int(rng.integers(1, 7))).tolist()
+    budget = int(rng.integers(0, sum(sizes) + 1))
+    quotas = proportional_quotas(sizes, budget)
+    assert quotas == ref_hamilton(sizes, budget)
+    assert sum(quotas) == budget and all(0 <= q <= s for q, s in zip(quotas, sizes))
+    assert all(abs(q - Fraction(budget * s, sum(sizes))) < 1 for q, s in zip(quotas, sizes))
+    with pytest.raises(ValueError, match="budget"):
+        proportional_quotas(sizes, sum(sizes) + 1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_task_strata_keep_each_tasks_share_and_its_top_signal(seed):
+    """strata_by="task", within="top" against a plain loop: the finite candidates of each task get a quota in
+    proportion to their number, filled by that task's highest signals; non-finite ones are excluded first."""
+    rng = np.random.default_rng(seed)
+    c = 80
+    losses, signal = rng.random(c) * 4, rng.normal(size=c)
+    groups = rng.integers(0, 4, size=c) * 3 + 7  # arbitrary ids: the strata are their sorted distinct values
+    losses[rng.choice(c, 4, replace=False)] = np.nan
+    budget = int(rng.integers(5, 70))
+    res = select(Candidates(losses, None, signal, groups), budget,
+                 SelectionConfig(strata=1, strata_by="task", within="top"), gen(seed))
+    valid = np.isfinite(losses)
+    tasks = np.unique(groups[valid])
+    quotas = ref_hamilton([int((valid & (groups == t)).sum()) for t in tasks], budget)
+    expected, labels = set(), np.full(c, -1)
+    for s, (t, q) in enumerate(zip(tasks, quotas)):
+        members = np.flatnonzero(valid & (groups == t))
+        expected |= set(members[np.argsort(-signal[members], kind="stable")[:q]].tolist())
+        labels[members] = s
+    assert set(res.indices.tolist()) == expected and len(res.indices) == budget
+    assert res.info["quotas"] == quotas
+    assert res.strata.tolist() == labels.tolist()
+
+
+def test_task_strata_without_groups_is_plain_top_k_and_random_within_is_seeded():
+    losses, sketches = make_inputs(5, 50, 3)
+    signal = -losses
+    cfg = SelectionConfig(strata=1, strata_by="task", within="top")
+    res = select(Candidates(losses, sketches, signal), 20, cfg, gen(0))
+    assert sorted(res.indices.tolist()) == sorted(torch.topk(signal, 20).indices.tolist())
+    groups = torch.arange(50) % 3
+    cfg = SelectionConfig(strata=1, strata_by="task", within="random", seed=2)
+    a, b = (select(Candidates(losses, sketches, signal, groups), 20, cfg, gen(9)) for _ in range(2))
+    assert a.indices.tolist() == b.indices.tolist()
+    assert np.bincount(groups[a.indices].numpy(), minlength=3).tolist() == a.info["quotas"] == [7, 7, 6]
+
+
+def test_task_strata_bad_inputs_are_named():
+    from optbatch_ds.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"strata_by: 'task' makes the tasks the strata; set strata 1 \(got 3\)"):
+        SelectionConfig(strata=3, strata_by="task")
+    losses, _ = make_inputs(1, 10, 2)
+    cfg = SelectionConfig(strata=1, strata_by="task")
+    for groups in (torch.zeros(9, dtype=torch.long), torch.zeros(10)):
+        with pytest.raises(ValueError, match="groups must be integers of shape"):
+            select(Candidates(losses, None, None, groups), 5, cfg, gen(0))
+    with pytest.raises(TypeError, match="candidates must be a selection.Candidates"):
+        select(losses, 5, cfg, gen(0))

@@ -16,7 +16,7 @@ from optbatch_ds.data import load_examples, make_demo_data
 from optbatch_ds.data.demo import DemoSpec
 from optbatch_ds.data.hashing import record_hash
 from optbatch_ds.errors import ConfigError
-from optbatch_ds.selection import SelectionConfig, select, step_generator
+from optbatch_ds.selection import Candidates, SelectionConfig, select, step_generator
 from optbatch_ds.signals import (LOSSES_FILE, ReferenceLosses, SampleStore, SignalConfig, SignalContext,
                                  fill_reference, neighbour_excess, prior_losses, reference_files, robust_standardise,
                                  signal_values, task_groups)
@@ -32,22 +32,22 @@ def test_select_ranks_by_the_signal_and_reports_losses():
     sketches = torch.randn(50, 8, generator=g)
     for method in ("optbatch", "ccs", "online_hard", "infobatch"):
         cfg = SelectionConfig(method=method, seed=4, strata_by="signal")
-        with_signal = select(losses, sketches, 30, cfg, step_generator(4, 7), signal=signal)
-        as_losses = select(signal, sketches, 30, cfg, step_generator(4, 7))
+        with_signal = select(Candidates(losses, sketches, signal), 30, cfg, step_generator(4, 7))
+        as_losses = select(Candidates(signal, sketches), 30, cfg, step_generator(4, 7))
         assert with_signal.indices.tolist() == as_losses.indices.tolist(), method
         assert with_signal.strata.tolist() == as_losses.strata.tolist()
         assert with_signal.info["mean_loss_selected"] == pytest.approx(float(losses[with_signal.indices].mean()))
     # strata_by="loss": the strata (and their quotas) are the losses', the choice inside each is by the signal
     cfg = SelectionConfig(method="optbatch", seed=4, strata=3, within="top")
-    res = select(losses, sketches, 30, cfg, step_generator(4, 7), signal=signal)
-    assert res.strata.tolist() == select(losses, sketches, 30, cfg, step_generator(4, 7)).strata.tolist()
+    res = select(Candidates(losses, sketches, signal), 30, cfg, step_generator(4, 7))
+    assert res.strata.tolist() == select(Candidates(losses, sketches), 30, cfg, step_generator(4, 7)).strata.tolist()
     for s in range(3):
         members = np.flatnonzero(res.strata == s)
         picked = [i for i in res.indices.tolist() if res.strata[i] == s]
         assert len(picked) == res.info["quotas"][s]
         assert sorted(picked) == sorted(members[np.argsort(-signal[members].numpy(), kind="stable")][:len(picked)])
     signal[3] = math.nan  # a candidate without a signal is excluded like a non-finite loss
-    res = select(losses, sketches, 30, SelectionConfig(seed=4), step_generator(4, 7), signal=signal)
+    res = select(Candidates(losses, sketches, signal), 30, SelectionConfig(seed=4), step_generator(4, 7))
     assert 3 not in res.indices.tolist() and res.info["excluded_nonfinite"] == 1
 
 

@@ -167,3 +167,49 @@ def test_ema_curvature_is_fed_by_the_training_forwards_under_scoring_stale():
     assert again.load_state_dict(rt.state_dict()) == []
     assert again.curvature.updates == passes
     torch.testing.assert_close(again.curvature.row_scale(), policy.row_scale())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_unmeasured_first_ranks_never_measured_above_measured_in_their_own_order(seed):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    signal = torch.from_numpy(rng.normal(size=40) * 3)
+    signal[rng.choice(40, 3, replace=False)] = float("nan")
+    unmeasured = rng.random(40) < 0.4
+    out = ob_step.unmeasured_first(signal, unmeasured)
+    finite = torch.isfinite(signal).numpy()
+    new, old = out[torch.from_numpy(unmeasured & finite)], out[torch.from_numpy(~unmeasured & finite)]
+    assert float(new.min()) > float(old.max())
+    assert torch.equal(out[~torch.from_numpy(unmeasured)].nan_to_num(7.0), signal[~torch.from_numpy(unmeasured)]
+                       .double().nan_to_num(7.0))                     # measured ones and NaNs untouched
+    order = np.argsort(signal[torch.from_numpy(unmeasured & finite)].numpy(), kind="stable")
+    assert np.array_equal(np.argsort(new.numpy(), kind="stable"), order)  # same order among the unmeasured
+    assert torch.equal(ob_step.unmeasured_first(signal, np.zeros(40, bool)).nan_to_num(7.0),
+                       signal.double().nan_to_num(7.0))
+
+
+def test_prior_train_keeps_a_pools_never_measured_candidates_first_without_a_forward():
+    gen, model = _tiny_llama(3)
+    items = _items(30, 40, gen)
+    b, micro, accum = 6, 3, 2
+    ob = OptBatchConfig(scoring="stale", prior="train", signal="loss", strata=1, within="top", feature="grad_raw",
+                        sketch_dim=8, prune_ratio=0.5)
+    sizes = BatchSizes(num_candidates(b, ob.prune_ratio, 1), b, micro, accum, 1)
+    rt = ob_step.SelectionRuntime.build(model, ob, sizes, 0, lambda: None, 15, 0)
+    rt.attach(len(items))
+    engine, sampler = _Engine(model, accum), EpochSampler(len(items), seed=2)
+    for step in range(1, 16):
+        cand = sampler.draw(sizes.candidates)
+        new = {i for i in cand if not rt.measured[i]}
+        choice = ob_step.choose_batch(rt, engine, items, cand, step, ob_step.new_timers())
+        assert choice.score_tokens == 0
+        selected = [cand[p] for p in choice.positions.tolist()]
+        assert len(new & set(selected)) == min(len(new), b), step
+        rest = [i for i in selected if i not in new]  # the measured ones that fill the rest: highest loss first
+        old = sorted((i for i in cand if i not in new), key=lambda i: -float(rt.store.loss[i]))
+        assert sorted(rest) == sorted(old[:len(rest)])
+        dealt, weights = ob_step.deal(rt, items, selected, choice.weights)
+        trained = ob_step.train_on(rt, engine, items, *ob_step.my_share(rt, dealt, weights), step)
+        ob_step.record_training(rt, dealt, trained, step, ob_step.new_timers())
+    assert rt.measured.sum() == 30  # 15 steps x 6 trained of 30 records: every one trained once at least
