@@ -132,7 +132,8 @@ class Recipe:
                   else "full fine-tuning") + f" | curvature {info['curvature']}")
         return (f"optbatch_ds | world {world} | model {prep.model_path} ({self.n_params / 1e6:.2f}M params) | {fit} | "
                 f"train {len(prep.pool)} samples | method {ob.method}"
-                + (f" (preset {ob.preset}: signal {ob.signal}, scoring {ob.scoring})" if ob.method == "optbatch" else "")
+                + (f" (preset {ob.preset}: signal {ob.signal}, scoring {ob.scoring}"
+                   + (f", prior {ob.prior})" if ob.stale else ")") if ob.method == "optbatch" else "")
                 + f" | prune {ob.prune_ratio} | "
                 f"b {rs.train_batch_size} of c {rs.candidates} per step | {self.total_steps} steps")
 

@@ -39,11 +39,12 @@ class ScoringConfig:
     refresh: float = option(0.0, "With scoring stale: this fraction of each step's budget is drawn uniformly from the "
                             "candidates the selector did not keep, so pruned samples get re-measured.")
     prior: str = option("fresh", "With scoring stale, what a candidate never measured gets: fresh (a scoring forward) "
-                        "or mean (no forward: the mean loss measured so far among its task's records, and no sketch, "
-                        "so signal reducible ranks such candidates of a task by their reference loss, and the "
-                        "others treat them alike) or train (as mean, and such candidates rank above every measured "
-                        "one: a pool keeps its never-measured candidates first, so every record is trained, and "
-                        "measured, soon after it is first drawn).",
+                        "or mean (no forward: the mean loss measured so far among its task's records, and no sketch; "
+                        "before anything is measured, the task's mean reference loss among the pool's candidates, "
+                        "or 0 without reference losses; so signal reducible ranks such candidates of a task by their "
+                        "reference loss, and the others treat them alike) or train (as mean, and such candidates "
+                        "rank above every measured one: a pool keeps its never-measured candidates first, so every "
+                        "record is trained, and measured, soon after it is first drawn).",
                         choices=PRIORS)
 
     def __post_init__(self):

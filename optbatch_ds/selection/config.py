@@ -33,7 +33,8 @@ class SelectionConfig:
     method: str = option("optbatch", "Selection method: optbatch, or a baseline: random, online_hard (top loss), "
                          "ccs (loss strata, even budget), infobatch (drop low-loss, reweight the rest), full "
                          "(no pruning).", choices=METHODS)
-    strata: int = option(3, "K loss-quantile strata (optbatch, ccs); 1 = none.")
+    strata: int = option(3, "K loss-quantile strata (optbatch, ccs); 1 = none (with strata_by task, which needs 1: "
+                         "one stratum per task).")
     temperature: float = option(1.0, "tau of the exp(loss / tau) quota draw (optbatch); \"inf\" = flat.")
     temperature_end: float | None = option(
         None, "tau at the last step: 1/tau moves linearly from 1/temperature to 1/temperature_end over training; "
