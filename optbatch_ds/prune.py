@@ -292,8 +292,7 @@ def _select_pool(rt: ob_step.SelectionRuntime, pool_id: int, scores: ob_step.Sco
         selector = Selector(dataclasses.replace(cfg, strata=k))
     ctx = SignalContext(rt.reference, rt.store, rt.optbatch.seed, pool_id + 1, rt.groups, len(ids))
     signal = signal_values(rt.optbatch.signal, losses, sketches, ids, ctx)
-    groups = rt.groups[ids] if rt.groups is not None else None
-    result = selector(pool_id + 1, Candidates(losses, sketches, signal, groups), budget)
+    result = selector(pool_id + 1, Candidates(losses, sketches, signal, rt.groups_of(ids)), budget)
     strata = [int(s) if s >= 0 else None for s in result.strata.tolist()]
     return result.indices.tolist(), result.weights.tolist(), result.info, strata
 

@@ -53,7 +53,7 @@ from optbatch_ds.data.hashing import example_hash
 from optbatch_ds.errors import ConfigError
 from optbatch_ds.modeling import MODEL_SIZES, build_default_model, cache_root
 from optbatch_ds.scoring.forward import Scorer
-from optbatch_ds.session import ensure_demo_data
+from optbatch_ds.session import demo_data
 from optbatch_ds.signals import COST_FILE, LOSSES_FILE
 
 # The built-in reference: the smallest architecture, a few passes at a high rate. Reference sets are small and
@@ -200,7 +200,7 @@ def _with_demo_data(job: ReferenceJob) -> ReferenceJob:
     --reference-data is given or nothing is trained, the demo's clean reference split."""
     if job.run.data is not None:
         return job
-    paths = ensure_demo_data(os.path.join(cache_root(job.output), "demo_data"))
+    paths = demo_data(job.output)
     clean = job.reference_data or (paths["reference"] if job.epochs > 0 else None)
     return dataclasses.replace(job, run=dataclasses.replace(job.run, data=paths["train"]), reference_data=clean)
 

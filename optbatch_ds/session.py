@@ -51,6 +51,12 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
+def demo_data(output_dir: str) -> dict:
+    """The demo set's {train, eval, reference} paths for a run writing to `output_dir`: generated once into the
+    cache beside it (`modeling.cache_root`), where launch/train.py and launch/reference.py both find it."""
+    return ensure_demo_data(os.path.join(cache_root(output_dir), "demo_data"))
+
+
 def ensure_demo_data(target: str) -> dict:
     """Generate the demo set once (deterministic), atomically, so ranks and reruns share it; a cache made before a
     split existed gets the missing files. Returns the paths of its train, eval and reference splits."""
@@ -75,7 +81,7 @@ def _prepare(run: RunConfig, out: str) -> Prepared:
     cache = cache_root(out)
     train_spec, eval_spec = run.data, run.eval_data
     if train_spec is None:
-        demo = ensure_demo_data(os.path.join(cache, "demo_data"))
+        demo = demo_data(out)
         train_spec = demo["train"]
         eval_spec = eval_spec or demo["eval"]
     report = SkipReport()

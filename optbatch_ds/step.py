@@ -103,6 +103,10 @@ class SelectionRuntime:
                 # without a projection (sketch_dim 0, or not below the vocabulary) the features themselves
                 self.store = SampleStore(num_samples, self.scorer.sketch_size)
 
+    def groups_of(self, ids: list) -> np.ndarray | None:
+        """Rank 0: the task group of each dataset index in `ids` (int (len(ids),)), or None without groups."""
+        return self.groups[ids] if self.groups is not None else None
+
     @property
     def pad_id(self) -> int:
         return self.scorer.pad_id
@@ -235,8 +239,7 @@ def _select(rt: SelectionRuntime, scores: Scores, cand: list, step: int):
     signal = signal_values(ob.signal, losses, scores.sketches, cand, ctx) if ob.needs_scores else None
     if ob.stale and ob.prior == "train":
         signal = unmeasured_first(signal if signal is not None else losses, ~rt.measured[cand])
-    groups = rt.groups[cand] if rt.groups is not None else None
-    result = rt.selector(step, Candidates(losses, scores.sketches, signal, groups), b - refresh)
+    result = rt.selector(step, Candidates(losses, scores.sketches, signal, rt.groups_of(cand)), b - refresh)
     positions = torch.as_tensor(result.indices, dtype=torch.long)
     weights = torch.as_tensor(result.weights, dtype=torch.float32)
     info = dict(result.info)

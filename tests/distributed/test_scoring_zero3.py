@@ -28,10 +28,10 @@ def workdir(tmp_path_factory):
     import transformers
 
     from optbatch_ds.modeling import build_default_model, cache_root
-    from optbatch_ds.session import ensure_demo_data
+    from optbatch_ds.session import demo_data
 
     root = tmp_path_factory.mktemp("archs")
-    demo = ensure_demo_data(os.path.join(cache_root(str(root / "x")), "demo_data"))
+    demo = demo_data(str(root / "x"))
     texts = [m["content"] for l in read_jsonl(demo["train"]) for m in l["messages"]]
     default = build_default_model(texts, cache_root(str(root / "x")), seed=0)
     tok = transformers.AutoTokenizer.from_pretrained(default)

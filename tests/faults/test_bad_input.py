@@ -29,10 +29,10 @@ def small_inputs(root, n_records: int) -> dict:
     from optbatch_ds.config import RunConfig
     from optbatch_ds.data import load_examples
     from optbatch_ds.modeling import build_default_model, cache_root
-    from optbatch_ds.session import ensure_demo_data
+    from optbatch_ds.session import demo_data
 
     cache = cache_root(str(root / "out"))
-    demo = ensure_demo_data(os.path.join(cache, "demo_data"))
+    demo = demo_data(str(root / "out"))
     texts = [m["content"] for e in load_examples(demo["train"]) for m in e.messages]
     model = build_default_model(texts, cache, seed=RunConfig().seed)
     data = root / f"demo_first_{n_records}.jsonl"
